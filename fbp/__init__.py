@@ -1,0 +1,36 @@
+"""fbp: pure-function layers with hand-written backward passes, checked against JAX."""
+
+from fbp import losses
+from fbp.check import GradientCheckError, GradientReport, LayerReport, check_gradients, check_layer
+from fbp.grads import per_example_grads, value_and_grad, with_manual_vjp
+from fbp.layers import (
+    GELU,
+    AvgPool2D,
+    Conv2D,
+    Dense,
+    Dropout,
+    Embedding,
+    Flatten,
+    Layer,
+    LayerNorm,
+    LeakyReLU,
+    LogSoftmax,
+    MaxPool2D,
+    ReLU,
+    Residual,
+    Sequential,
+    Sigmoid,
+    Softmax,
+    Tanh,
+)
+from fbp.losses import MSE, BinaryCrossEntropy, SoftmaxCrossEntropy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GELU", "MSE", "AvgPool2D", "BinaryCrossEntropy", "Conv2D", "Dense", "Dropout", "Embedding",
+    "Flatten", "GradientCheckError", "GradientReport", "Layer", "LayerNorm", "LayerReport",
+    "LeakyReLU", "LogSoftmax", "MaxPool2D", "ReLU", "Residual", "Sequential", "Sigmoid",
+    "Softmax", "SoftmaxCrossEntropy", "Tanh", "check_gradients", "check_layer", "losses",
+    "per_example_grads", "value_and_grad", "with_manual_vjp",
+]

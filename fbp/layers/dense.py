@@ -1,0 +1,79 @@
+"""Dense (fully connected) layer: y = x W + b."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from fbp.layers.base import Layer, check_array, check_float, describe, param_dtype
+
+_INITIALIZERS = {
+    "he": jax.nn.initializers.he_normal,
+    "glorot": jax.nn.initializers.glorot_uniform,
+    "lecun": jax.nn.initializers.lecun_normal,
+}
+
+
+@dataclass(frozen=True)
+class Dense(Layer):
+    """y = x W + b on the last axis.
+
+    Args:
+      features: output width.
+      use_bias: add ``b``.
+      weight_init: ``"glorot"`` (uniform, default; good before tanh/sigmoid),
+        ``"he"`` (normal, for ReLU nets) or ``"lecun"`` (normal).
+
+    Shapes: ``x: (..., in_features)``, ``W: (in_features, features)``,
+    ``b: (features,)``, ``y: (..., features)``. Cache: ``x``.
+    """
+
+    features: int
+    use_bias: bool = True
+    weight_init: str = "glorot"
+
+    def __post_init__(self):
+        if not isinstance(self.features, int) or self.features < 1:
+            raise ValueError(f"Dense: features must be a positive int, got {self.features!r}")
+        if self.weight_init not in _INITIALIZERS:
+            raise ValueError(
+                f"Dense: weight_init must be one of {sorted(_INITIALIZERS)}, got {self.weight_init!r}"
+            )
+
+    def init(self, key, x):
+        check_array(self, x)
+        dtype = param_dtype(x)
+        W = _INITIALIZERS[self.weight_init]()(key, (x.shape[-1], self.features), dtype)
+        params = {"W": W}
+        if self.use_bias:
+            params["b"] = jnp.zeros((self.features,), dtype)
+        return params
+
+    def _check(self, params, x):
+        check_array(self, x)
+        check_float(self, x)
+        in_features = params["W"].shape[0]
+        if x.shape[-1] != in_features:
+            hint = "; did you forget Flatten()?" if x.ndim > 2 else ""
+            raise ValueError(
+                f"{describe(self)}: expected x[..., {in_features}], got shape {tuple(x.shape)}{hint}"
+            )
+
+    def apply(self, params, x):
+        self._check(params, x)
+        y = x @ params["W"]
+        return y + params["b"] if self.use_bias else y
+
+    def forward(self, params, x):
+        return self.apply(params, x), x  # cache: x, since dW = x^T dy
+
+    def backward(self, params, x, dy):
+        # dW = x^T dy summed over every leading axis; db = sum dy; dx = dy W^T
+        x2 = x.reshape(-1, x.shape[-1])
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dparams = {"W": x2.T @ dy2}
+        if self.use_bias:
+            dparams["b"] = dy2.sum(axis=0)
+        return dparams, dy @ params["W"].T

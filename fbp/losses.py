@@ -1,0 +1,128 @@
+"""Losses with hand-written gradients. Each is a mean over the batch.
+
+Contract::
+
+    value = loss(pred, target)               # a scalar
+    value, cache = loss.forward(pred, target)
+    dpred = loss.backward(cache)             # d value / d pred, same shape as pred
+
+A single example (no batch axis) is a batch of one, so the mean of the
+per-example losses equals the batch loss and per-example gradients average to
+the batch gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer) and isinstance(x, (np.ndarray, jax.Array))
+
+
+def _check_pred(loss, pred):
+    if not hasattr(pred, "shape") or not jnp.issubdtype(pred.dtype, jnp.floating):
+        got = getattr(pred, "dtype", type(pred).__name__)
+        raise TypeError(f"{type(loss).__name__}: expected floating-point predictions, got {got}")
+
+
+class Loss:
+    """Base: ``__call__`` is ``forward`` without the cache."""
+
+    def __call__(self, pred, target):
+        return self.forward(pred, target)[0]
+
+
+@dataclass(frozen=True)
+class MSE(Loss):
+    """L = mean((pred - target)^2) over every element. Shapes: pred, target (...).
+
+    Cache: (pred - target) scaled by 2 / size, since dL/dpred = 2 (pred - target) / size.
+    """
+
+    def forward(self, pred, target):
+        _check_pred(self, pred)
+        if tuple(jnp.shape(target)) != tuple(pred.shape):
+            raise ValueError(f"MSE: expected target of shape {tuple(pred.shape)}, got {tuple(jnp.shape(target))}")
+        diff = pred - jnp.asarray(target, pred.dtype)
+        return jnp.mean(diff * diff), diff * (2.0 / diff.size)
+
+    def backward(self, cache):
+        return cache
+
+
+def _targets_as_probs(loss, logits, target):
+    """Integer labels (...) or probabilities (..., C) -> probabilities (..., C)."""
+    target = jnp.asarray(target) if not hasattr(target, "dtype") else target
+    num_classes = logits.shape[-1]
+    name = type(loss).__name__
+    if jnp.issubdtype(target.dtype, jnp.integer):
+        if tuple(target.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(
+                f"{name}: integer labels must have shape {tuple(logits.shape[:-1])} for logits "
+                f"{tuple(logits.shape)}, got {tuple(target.shape)}"
+            )
+        if _is_concrete(target) and target.size:
+            values = np.asarray(target)
+            low, high = int(values.min()), int(values.max())
+            if low < 0 or high >= num_classes:
+                raise ValueError(f"{name}: labels must lie in [0, {num_classes}), got values in [{low}, {high}]")
+        return jax.nn.one_hot(target, num_classes, dtype=logits.dtype)
+    if tuple(target.shape) != tuple(logits.shape):
+        raise ValueError(
+            f"{name}: expected integer labels {tuple(logits.shape[:-1])} or probabilities "
+            f"{tuple(logits.shape)}, got shape {tuple(target.shape)} of dtype {target.dtype}"
+        )
+    return target.astype(logits.dtype)
+
+
+@dataclass(frozen=True)
+class SoftmaxCrossEntropy(Loss):
+    """L = mean over examples of -sum_c t_c log softmax(z)_c.
+
+    Shapes: logits ``z: (..., C)``; target integer labels ``(...)`` or
+    probabilities / one-hot ``(..., C)``. Cache: (softmax(z) - t) / m with m
+    the number of examples, which is exactly dL/dz.
+    """
+
+    def forward(self, logits, target):
+        _check_pred(self, logits)
+        if logits.ndim < 1:
+            raise ValueError(f"SoftmaxCrossEntropy: expected logits (..., C), got shape {tuple(logits.shape)}")
+        probs_target = _targets_as_probs(self, logits, target)
+        log_p = jax.nn.log_softmax(logits, axis=-1)
+        per_example = -jnp.sum(probs_target * log_p, axis=-1)
+        m = per_example.size
+        return jnp.mean(per_example), (jnp.exp(log_p) - probs_target) / m
+
+    def backward(self, cache):
+        return cache
+
+
+@dataclass(frozen=True)
+class BinaryCrossEntropy(Loss):
+    """L = mean of -t log sigmoid(z) - (1 - t) log(1 - sigmoid(z)) over every element.
+
+    From logits, in the stable form max(z, 0) - z t + log(1 + exp(-|z|)).
+    Shapes: logits and targets (...), targets in [0, 1]. Cache: (sigmoid(z) - t) / size.
+    """
+
+    def forward(self, logits, target):
+        _check_pred(self, logits)
+        if tuple(jnp.shape(target)) != tuple(logits.shape):
+            raise ValueError(
+                f"BinaryCrossEntropy: expected targets of shape {tuple(logits.shape)}, got {tuple(jnp.shape(target))}"
+            )
+        t = jnp.asarray(target).astype(logits.dtype)
+        value = jnp.mean(jnp.maximum(logits, 0) - logits * t + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+        return value, (jax.nn.sigmoid(logits) - t) / logits.size
+
+    def backward(self, cache):
+        return cache
+
+
+REGISTRY = (MSE, SoftmaxCrossEntropy, BinaryCrossEntropy)
