@@ -24,6 +24,7 @@ from fbp.layers import (
     Tanh,
 )
 from fbp.losses import MSE, BinaryCrossEntropy, SoftmaxCrossEntropy
+from fbp.train import TrainState, TrainStep, evaluate, make_train_step, train_epoch
 
 __version__ = "0.1.0"
 
@@ -33,4 +34,5 @@ __all__ = [
     "LeakyReLU", "LogSoftmax", "MaxPool2D", "ReLU", "Residual", "Sequential", "Sigmoid",
     "Softmax", "SoftmaxCrossEntropy", "Tanh", "check_gradients", "check_layer", "losses",
     "per_example_grads", "value_and_grad", "with_manual_vjp",
+    "TrainState", "TrainStep", "evaluate", "make_train_step", "train_epoch",
 ]
