@@ -1,6 +1,6 @@
 """fbp: pure-function layers with hand-written backward passes, checked against JAX."""
 
-from fbp import losses
+from fbp import checkpoint, data, explain, losses, models
 from fbp.check import GradientCheckError, GradientReport, LayerReport, check_gradients, check_layer
 from fbp.grads import per_example_grads, value_and_grad, with_manual_vjp
 from fbp.layers import (
@@ -25,6 +25,7 @@ from fbp.layers import (
 )
 from fbp.losses import MSE, BinaryCrossEntropy, SoftmaxCrossEntropy
 from fbp.train import TrainState, TrainStep, evaluate, make_train_step, train_epoch
+from fbp.trainer import TrainConfig, fit
 
 __version__ = "0.1.0"
 
@@ -34,5 +35,6 @@ __all__ = [
     "LeakyReLU", "LogSoftmax", "MaxPool2D", "ReLU", "Residual", "Sequential", "Sigmoid",
     "Softmax", "SoftmaxCrossEntropy", "Tanh", "check_gradients", "check_layer", "losses",
     "per_example_grads", "value_and_grad", "with_manual_vjp",
-    "TrainState", "TrainStep", "evaluate", "make_train_step", "train_epoch",
+    "TrainState", "TrainStep", "evaluate", "make_train_step", "train_epoch", "explain",
+    "TrainConfig", "checkpoint", "data", "fit", "models",
 ]
