@@ -1,0 +1,104 @@
+"""``fbp check``: run the gradient checker over the model zoo and print one table.
+
+One row per model x loss x dtype; the full report of every failure follows the
+table, and the exit status is 1 if any check failed (2 for an unknown name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from fbp import zoo
+from fbp.check import check_gradients
+from fbp.layers.base import describe
+
+DTYPES = {"float32": (jnp.float32,), "float64": (jnp.float64,), "both": (jnp.float32, jnp.float64)}
+HEADER = ("model", "loss", "dtype", "rows", "worst rel err", "result")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``check`` on the ``fbp`` command's subparsers."""
+    parser = subparsers.add_parser(
+        "check",
+        help="check every hand-written backward in the model zoo against jax.grad and finite differences",
+        description=(
+            "Build each model of the zoo (fbp/zoo.py) with its loss and a small random batch, run "
+            "fbp.check_gradients (autodiff, finite differences, per-example), and print one table: "
+            "model, loss, dtype, rows checked, worst relative error, ok/FAIL. Failing reports follow "
+            "in full. Exit status: 0 all ok, 1 a check failed, 2 an unknown model name."
+        ),
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="both",
+        help="precision of params and inputs; tolerances follow it (default: both)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for params, data and check directions (default: 0)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME",
+        help=(
+            "zoo entry to check, e.g. 'cnn/cross-entropy', or a model name for all its losses, e.g. "
+            "'mlp-relu'; repeat the option or give a comma list (default: all; see --list)"
+        ),
+    )
+    parser.add_argument("--list", action="store_true", help="list the zoo's names and exit")
+    return parser
+
+
+def _format_table(rows: list[tuple[str, ...]]) -> str:
+    lines = [HEADER, *rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def _check_one(entry: zoo.ZooEntry, dtype, seed: int):
+    """(checked dtype, rows checked, worst relative error, ok, full report text) for one entry."""
+    with jax.enable_x64(dtype == jnp.float64):
+        model, loss, params, x, y = entry.example(seed=seed, dtype=dtype)
+        report = check_gradients(model, loss, params, x, y, seed=seed)
+    worst = max((row.max_rel_err for row in report.rows), default=0.0)
+    return report.dtype, len(report.rows), worst, report.ok, str(report)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the selected zoo entries; print the table; 0 if all pass, 1 if any fails, 2 on a bad name."""
+    if args.list:
+        for name, entry in zoo.ZOO.items():
+            print(f"{name:32s} {describe(entry.model)} + {type(entry.loss).__name__}")
+        return 0
+    names = [name.strip() for option in args.model or () for name in option.split(",") if name.strip()]
+    try:
+        entries = zoo.select(names)
+    except KeyError as error:
+        print(f"fbp check: {error.args[0]}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    rows, failures = [], []
+    for dtype in DTYPES[args.dtype]:
+        dtype_name = jnp.dtype(dtype).name
+        for name, entry in entries.items():
+            try:
+                checked, count, worst, ok, text = _check_one(entry, dtype, args.seed)
+            except Exception as error:  # noqa: BLE001 - a crash is a failed check, reported with the rest
+                checked, count, worst, ok = dtype_name, 0, float("nan"), False
+                text = f"{type(error).__name__}: {error}"
+            row = (name.split("/")[0], type(entry.loss).__name__, checked, str(count), f"{worst:.2e}")
+            rows.append((*row, "ok" if ok else "FAIL"))
+            if not ok:
+                failures.append(f"== {name} ({dtype_name}) ==\n{text}")
+    print(_format_table(rows))
+    seconds = time.perf_counter() - start
+    if failures:
+        print(f"\n{len(failures)} of {len(rows)} checks FAILED ({seconds:.1f} s)\n")
+        print("\n\n".join(failures))
+        return 1
+    print(f"\nall {len(rows)} checks ok ({seconds:.1f} s)")
+    return 0
