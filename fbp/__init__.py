@@ -1,6 +1,6 @@
 """fbp: pure-function layers with hand-written backward passes, checked against JAX."""
 
-from fbp import checkpoint, data, explain, losses, models
+from fbp import checkpoint, data, explain, losses, models, parallel
 from fbp.check import GradientCheckError, GradientReport, LayerReport, check_gradients, check_layer
 from fbp.grads import per_example_grads, value_and_grad, with_manual_vjp
 from fbp.layers import (
@@ -36,5 +36,5 @@ __all__ = [
     "Softmax", "SoftmaxCrossEntropy", "Tanh", "check_gradients", "check_layer", "losses",
     "per_example_grads", "value_and_grad", "with_manual_vjp",
     "TrainState", "TrainStep", "evaluate", "make_train_step", "train_epoch", "explain",
-    "TrainConfig", "checkpoint", "data", "fit", "models",
+    "TrainConfig", "checkpoint", "data", "fit", "models", "parallel",
 ]
