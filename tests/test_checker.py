@@ -1,0 +1,245 @@
+"""The gradient checker itself: it passes correct models, fails planted bugs (issue 3), reports readably.
+
+The six planted bugs of issue 3 are entries of tests/mutants.py, checked here
+next to their correct twins; the rest of the list runs in test_mutants.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from mutants import BY_NAME, ISSUE_3, cross_entropy_no_mean_forward, dense_dW_transposed, mutate, problems
+
+import fbp
+from fbp import check
+from fbp.check import GradientCheckError, check_layer, check_loss
+
+pytestmark = pytest.mark.usefixtures("fast_compile")  # XLA's optimisations: compile time, no other effect here
+
+
+def _cnn_residual():
+    return fbp.Sequential(
+        [
+            fbp.Conv2D(3),
+            fbp.ReLU(),
+            fbp.MaxPool2D(2),
+            fbp.Residual(fbp.Sequential([fbp.Conv2D(3), fbp.Tanh()])),
+            fbp.Flatten(),
+            fbp.Dense(3),
+        ]
+    )
+
+
+def _case(model, dtype="float32", batch=4, shape=(5,), seed=0, loss=None):
+    key_x, key_y, key_params = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.normal(key_x, (batch, *shape), dtype)
+    y = jax.random.randint(key_y, (batch,), 0, 3)
+    return model, loss or fbp.SoftmaxCrossEntropy(), model.init(key_params, x), x, y
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledDense(fbp.Dense):
+    """dW times (1 + delta): a planted relative error of delta."""
+
+    delta: float = 0.01
+
+    def backward(self, params, x, dy):
+        dparams, dx = super().backward(params, x, dy)
+        return {**dparams, "W": dparams["W"] * (1 + self.delta)}, dx
+
+
+def _mlp(first=None, activation=None, last=None):
+    """Dense(5) -> Tanh -> Dense(3), with any of the three replaced."""
+    return fbp.Sequential([first or fbp.Dense(5), activation or fbp.Tanh(), last or fbp.Dense(3)])
+
+
+@functools.cache
+def _correct_twin_passes(stack, layer) -> bool:
+    """The mutant's model with the correct layer (cached: three bugs share a twin)."""
+    return fbp.check_gradients(*stack.build(layer)).ok
+
+
+@pytest.mark.parametrize("name", ISSUE_3)
+def test_issue_3_bugs_fail_and_their_correct_twins_pass(name):
+    mutant = BY_NAME[ISSUE_3[name]]
+    report = fbp.check_gradients(*mutant.build())
+    assert not problems(mutant, report), f"{name}: {problems(mutant, report)}\n{report}"
+    assert _correct_twin_passes(mutant.model, mutant.layer)
+
+
+# --- correct models pass --------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_correct_cnn_with_residual_passes(dtype):
+    with jax.enable_x64(dtype == "float64"):
+        report = fbp.check_gradients(*_case(_cnn_residual(), dtype, shape=(6, 6, 2)))
+    assert report.ok, str(report)
+    assert report.dtype == dtype
+    assert {r.check for r in report.rows} == {"autodiff", "finite-diff", "per-example"}
+    report.raise_if_failed()  # a pass raises nothing
+
+
+def test_bfloat16_params_work():
+    """bf16 params and inputs: the three witnesses run (finite differences still in float64) and pass."""
+    report = fbp.check_gradients(*_case(_mlp(first=fbp.Dense(8)), "bfloat16"))
+    assert report.dtype == "bfloat16" and report.rtol == check.DEFAULT_RTOL["bfloat16"]
+    assert report.ok, str(report)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_gradient_zero_by_symmetry_passes(dtype):
+    """Balanced labels, equal logits: dL/db and dL/dW are exactly 0 and the manual sums leave rounding.
+
+    Neither the rms term (r is 0) nor jax's own noise (it is 0 too) covers that
+    rounding; the batch-sum term (SUM_FACTOR * B * eps * mean_j |g_j|) does.
+    """
+    with jax.enable_x64(dtype == "float64"):
+        model = fbp.Sequential([fbp.Dense(3)])
+        params = [{"W": jnp.zeros((4, 3), dtype), "b": jnp.zeros((3,), dtype)}]
+        x = jnp.ones((3, 4), dtype) / 3
+        report = fbp.check_gradients(model, fbp.SoftmaxCrossEntropy(), params, x, jnp.array([0, 1, 2]))
+    assert report.ok, str(report)
+
+
+def test_a_finite_difference_step_across_a_relu_kink_is_not_a_failure(monkeypatch):
+    """A ReLU input of 3e-7: the base step h = 1e-6 straddles the kink, h/100 does not.
+
+    With the closest of the three steps counting the check passes; with the
+    base step alone it fails, so the retry is what saves it (not slack).
+    """
+    with jax.enable_x64(True):
+        model = fbp.Sequential([fbp.Dense(2), fbp.ReLU(), fbp.Dense(3)])
+        x = jnp.array([[1.0, 0.5], [-0.5, 1.0]])
+        params = model.init(jax.random.PRNGKey(0), x)
+        z = x[0] @ params[0]["W"]
+        params[0]["b"] = jnp.array([3e-7 - z[0], 1.0])  # example 0, unit 0 sits 3e-7 from the kink
+        case = (model, fbp.SoftmaxCrossEntropy(), params, x, jnp.array([0, 2]))
+        assert fbp.check_gradients(*case, directions=4).ok
+        monkeypatch.setattr(check, "FD_STEPS", (1.0,))
+        assert not fbp.check_gradients(*case, directions=4, locate=False).ok
+
+
+# --- bugs fail, with the right names --------------------------------------------
+
+
+def test_a_one_percent_error_in_one_weight_gradient_fails():
+    report = fbp.check_gradients(*_case(_mlp(last=ScaledDense(3, delta=0.01))))
+    assert not report.ok
+    assert report.failed_leaves == ["[2]['W']"]  # only that leaf: the others are right
+    assert report.first_bad_layer == "[2] ScaledDense(3)"
+    with pytest.raises(GradientCheckError, match=r"first wrong layer: \[2\] ScaledDense\(3\)"):
+        report.raise_if_failed()
+
+
+# smallest relative errors asserted detected per dtype; docs/checker.md has the measured floors
+MUST_DETECT = {"float64": 1e-8, "float32": 1e-3, "bfloat16": 0.1}
+
+
+@pytest.mark.parametrize("dtype", list(MUST_DETECT))
+def test_detection_floor(dtype, record_property):
+    """A planted relative error of MUST_DETECT[dtype] fails; whether a tenth of it does too is recorded."""
+
+    def detected(delta):
+        case = _case(_mlp(first=fbp.Dense(8), last=ScaledDense(3, delta=delta)), dtype)
+        return not fbp.check_gradients(*case, locate=False).ok
+
+    with jax.enable_x64(dtype == "float64"):
+        assert detected(MUST_DETECT[dtype])
+        floor = MUST_DETECT[dtype] / 10 if detected(MUST_DETECT[dtype] / 10) else MUST_DETECT[dtype]
+    record_property(f"detection_floor_{dtype}", floor)
+    print(f"{dtype}: a planted relative error of {floor:.2g} in one leaf is detected")
+
+
+# --- the report --------------------------------------------------------------
+
+
+def test_report_table_names_leaf_shape_errors_and_verdict():
+    report = fbp.check_gradients(*_case(_mlp(last=ScaledDense(3, delta=0.01))))
+    text = str(report)
+    assert text.startswith("gradient check of Sequential(3 layers) (float32, rtol 0.0001): FAILED")
+    header = text.splitlines()[1].split()
+    assert header[:3] == ["check", "leaf", "shape"] and "cosine" in header and "err/tol" in header
+    bad = next(r for r in report.rows if r.path == "[2]['W']" and r.check == "autodiff")
+    assert bad.shape == (5, 3) and not bad.ok
+    # c = 1.01 r: |c - r| / (|r| + rms(r)) = 0.01 |r| / (|r| + rms(r)), in [0.005, 0.01) at the largest |r|
+    assert 0.005 <= bad.max_rel_err < 0.01
+    assert len(bad.worst_index) == 2 and bad.cosine > 0.9999 and bad.excess > 1
+    line = next(line for line in text.splitlines() if line.startswith("autodiff     [2]['W']"))
+    assert line.endswith("FAIL") and "(5, 3)" in line
+    assert "first wrong layer: [2] ScaledDense(3)\nScaledDense(3): FAILED" in text  # then that layer's own report
+
+
+def test_check_layer_and_check_loss():
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 5))
+    dense = fbp.Dense(5)
+    params = dense.init(jax.random.PRNGKey(2), x)
+    assert check_layer(dense, params, x).ok
+    report = check_layer(mutate(dense, dense_dW_transposed), params, x)
+    assert [r.path for r in report.rows if not r.ok] == ["['W']"]
+    assert str(report).startswith("Dense(5): FAILED")
+    with pytest.raises(GradientCheckError):
+        report.raise_if_failed()
+    labels = jnp.array([0, 1, 2, 1])
+    assert check_loss(fbp.SoftmaxCrossEntropy(), x[:, :3], labels).ok
+    no_mean = mutate(fbp.SoftmaxCrossEntropy(), forward=cross_entropy_no_mean_forward)
+    assert not check_loss(no_mean, x[:, :3], labels).ok
+
+
+@dataclasses.dataclass(frozen=True)
+class RaisingDense(fbp.Dense):
+    def backward(self, params, x, dy):
+        raise ValueError("backward not written yet")
+
+
+@dataclasses.dataclass(frozen=True)
+class WrongShapeDense(fbp.Dense):
+    def backward(self, params, x, dy):
+        dparams, dx = super().backward(params, x, dy)
+        return {"W": dparams["W"][:-1], "b": dparams["b"]}, dx
+
+
+@dataclasses.dataclass(frozen=True)
+class MissingBiasDense(fbp.Dense):
+    def backward(self, params, x, dy):
+        dparams, dx = super().backward(params, x, dy)
+        return {"W": dparams["W"]}, dx
+
+
+@pytest.mark.parametrize(
+    ("layer", "why"),
+    [
+        (RaisingDense(5), "raised ValueError: backward not written yet"),
+        (WrongShapeDense(5), "shape (4, 5)"),
+        (MissingBiasDense(5), "missing"),
+    ],
+)
+def test_a_backward_that_raises_or_misshapes_is_a_failing_row(layer, why):
+    report = fbp.check_gradients(*_case(_mlp(first=layer)))
+    assert not report.ok
+    assert report.first_bad_path == "[0]"
+    assert any(why in str(r.worst_index) for r in report.failures), str(report)
+
+
+def test_tolerances_scale_with_the_dtype():
+    assert check.precision_of({"W": jnp.ones(2, jnp.bfloat16)}, jnp.ones(2)) == "bfloat16"
+    assert check.precision_of({"W": jnp.ones(2, jnp.float16)}, jnp.ones(2, jnp.bfloat16)) == "bfloat16"
+    assert check.precision_of(jnp.ones(2, jnp.int32)) == "float32"  # nothing to differentiate: the default
+    rtols = [check.default_rtol(d) for d in ("float64", "float32", "float16", "bfloat16")]
+    assert rtols == sorted(rtols)
+    epsilons = [float(jnp.finfo(d).eps) for d in ("float64", "float32", "float16", "bfloat16")]
+    assert all(rtol > eps for rtol, eps in zip(rtols, epsilons))  # at least one epsilon of room
+    # compare_leaf: an element fails exactly when |c - r| > rtol (|r| + rms(r)) + the noise allowance
+    r = np.array([1.0, -2.0, 0.0, 4.0])
+    rms = float(np.sqrt(np.mean(r * r)))
+    edge = r.copy()
+    edge[2] += 0.99 * 1e-3 * rms
+    assert check.compare_leaf("t", "p", r, edge, rtol=1e-3).ok
+    edge[2] += 0.02 * 1e-3 * rms
+    assert not check.compare_leaf("t", "p", r, edge, rtol=1e-3).ok
+    assert check.compare_leaf("t", "p", r, edge, rtol=1e-3, noise=1e-3).ok
