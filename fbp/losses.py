@@ -85,8 +85,9 @@ class SoftmaxCrossEntropy(Loss):
     """L = mean over examples of -sum_c t_c log softmax(z)_c.
 
     Shapes: logits ``z: (..., C)``; target integer labels ``(...)`` or
-    probabilities / one-hot ``(..., C)``. Cache: (softmax(z) - t) / m with m
-    the number of examples, which is exactly dL/dz.
+    probabilities / one-hot ``(..., C)``. Cache: (softmax(z) sum_c t_c - t) / m
+    with m the number of examples, which is exactly dL/dz; sum_c t_c is 1 for
+    labels, and kept for probabilities whose sum is 1 only up to rounding.
     """
 
     def forward(self, logits, target):
@@ -97,7 +98,8 @@ class SoftmaxCrossEntropy(Loss):
         log_p = jax.nn.log_softmax(logits, axis=-1)
         per_example = -jnp.sum(probs_target * log_p, axis=-1)
         m = per_example.size
-        return jnp.mean(per_example), (jnp.exp(log_p) - probs_target) / m
+        total = jnp.sum(probs_target, axis=-1, keepdims=True)
+        return jnp.mean(per_example), (jnp.exp(log_p) * total - probs_target) / m
 
     def backward(self, cache):
         return cache
@@ -107,7 +109,10 @@ class SoftmaxCrossEntropy(Loss):
 class BinaryCrossEntropy(Loss):
     """L = mean of -t log sigmoid(z) - (1 - t) log(1 - sigmoid(z)) over every element.
 
-    From logits, in the stable form max(z, 0) - z t + log(1 + exp(-|z|)).
+    From logits, in the stable form softplus(z) - z t (jax.nn.softplus: log(1 + e^z)
+    without overflow). Not max(z, 0) - z t + log1p(exp(-|z|)): jax.grad of that
+    form takes the subgradients of max and |.| at z == 0 and returns -t instead of
+    0.5 - t there, although the loss is smooth.
     Shapes: logits and targets (...), targets in [0, 1]. Cache: (sigmoid(z) - t) / size.
     """
 
@@ -118,7 +123,7 @@ class BinaryCrossEntropy(Loss):
                 f"BinaryCrossEntropy: expected targets of shape {tuple(logits.shape)}, got {tuple(jnp.shape(target))}"
             )
         t = jnp.asarray(target).astype(logits.dtype)
-        value = jnp.mean(jnp.maximum(logits, 0) - logits * t + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+        value = jnp.mean(jax.nn.softplus(logits) - logits * t)
         return value, (jax.nn.sigmoid(logits) - t) / logits.size
 
     def backward(self, cache):

@@ -14,8 +14,11 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
-from fbp.grads import MODES, check_batch, per_example_grads, value_and_grad
+from fbp import parallel
+from fbp.grads import MODES, check_batch, clipped_value_and_grad, value_and_grad
+from fbp.grads import clip_and_average as clip_and_average  # re-exported: it lived here before
 from fbp.layers.base import describe
 from fbp.losses import MSE, SoftmaxCrossEntropy
 
@@ -52,26 +55,6 @@ class TrainState(NamedTuple):
         return self._replace(**changes)
 
 
-def clip_and_average(grads, clip_norm: float):
-    """Clip each example's gradient to global L2 norm ``clip_norm``, then average.
-
-    Args:
-      grads: per-example gradients, every leaf (batch, ...).
-      clip_norm: the bound C.
-
-    Returns:
-      (mean of g_i * min(1, C / ||g_i||), per-example norms (batch,)).
-    """
-    leaves = jax.tree_util.tree_leaves(grads)
-    sq = sum(jnp.sum(g.reshape(g.shape[0], -1).astype(jnp.float32) ** 2, axis=1) for g in leaves)
-    norms = jnp.sqrt(sq)
-    factor = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12))
-    mean = jax.tree_util.tree_map(
-        lambda g: jnp.tensordot(factor.astype(g.dtype), g, axes=1) / g.shape[0], grads
-    )
-    return mean, norms
-
-
 def add_dp_noise(grads, key, *, clip_norm: float, noise_multiplier: float, batch_size: int):
     """Gaussian mechanism of DP-SGD (Abadi et al. 2016): mean + N(0, (sigma C)^2) / B per element."""
     leaves, treedef = jax.tree_util.tree_flatten(grads)
@@ -95,18 +78,25 @@ class TrainStep:
     pure: Callable
     model: Any
     donate: bool = True
+    mesh: Mesh | None = None
 
     def __post_init__(self):
-        jitted = jax.jit(self.pure, donate_argnums=0 if self.donate else ())
-        object.__setattr__(self, "_jitted", jitted)
-        object.__setattr__(self, "_epoch", jax.jit(_scan_epoch(self.pure), donate_argnums=0 if self.donate else ()))
+        donate = 0 if self.donate else ()
+        step_shardings = {} if self.mesh is None else parallel.jit_shardings(self.mesh, batch_axis=0)
+        epoch_shardings = {} if self.mesh is None else parallel.jit_shardings(self.mesh, batch_axis=1)
+        object.__setattr__(self, "_jitted", jax.jit(self.pure, donate_argnums=donate, **step_shardings))
+        object.__setattr__(self, "_epoch", jax.jit(_scan_epoch(self.pure), donate_argnums=donate, **epoch_shardings))
 
     def __call__(self, state: TrainState, x, y):
         check_batch(self.model, x, y)
+        if self.mesh is not None:
+            state, x, y = parallel.place(self.mesh, state, x, y)
         return self._jitted(state, x, y)
 
     def lower(self, state, x, y):
         """``jax.jit(...).lower`` for cost and memory analysis."""
+        if self.mesh is not None:
+            state, x, y = parallel.place(self.mesh, state, x, y)
         return self._jitted.lower(state, x, y)
 
 
@@ -128,6 +118,7 @@ def make_train_step(
     noise_multiplier: float | None = None,
     skip_nonfinite: bool = True,
     donate: bool = True,
+    mesh: Mesh | None = None,
 ) -> TrainStep:
     """Build the jitted train step ``step(state, x, y) -> (state, metrics)``.
 
@@ -146,6 +137,10 @@ def make_train_step(
         params and optimizer state (``metrics["finite"]`` is False) so a bad
         batch never poisons the parameters. The caller decides whether to stop.
       donate: donate the old state's buffers to the new one.
+      mesh: data parallelism (``fbp.parallel.make_mesh``): split the batch over
+        the mesh's devices, replicate the state, average the gradient across
+        devices. Equals one device on the same global batch; the batch must
+        divide by ``mesh.size``.
 
     Returns:
       A TrainStep. ``metrics`` holds ``loss``, ``grad_norm`` (of the applied
@@ -164,7 +159,7 @@ def make_train_step(
     if clip_norm is None:
         compute = value_and_grad(model, loss, mode=grad, per_example=per_example)
     else:
-        stacked = per_example_grads(model, loss, mode=grad)
+        clipped = clipped_value_and_grad(model, loss, clip_norm, mode=grad, per_example=per_example)
 
     def pure(state: TrainState, x, y):
         if needs_rng and state.rng is None:
@@ -180,9 +175,7 @@ def make_train_step(
         if clip_norm is None:
             value, grads = compute(state.params, x, y, dropout_key)
         else:
-            values, per_example_g = stacked(state.params, x, y, dropout_key)
-            value = values.mean()
-            grads, norms = clip_and_average(per_example_g, clip_norm)
+            value, grads, norms = clipped(state.params, x, y, dropout_key)
             metrics["clipped_fraction"] = jnp.mean(norms > clip_norm)
             if noise_multiplier is not None:
                 grads = add_dp_noise(
@@ -192,7 +185,7 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(params, opt_state, state.step + 1, rng)
         metrics["loss"] = value
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         if skip_nonfinite:
             finite = jnp.isfinite(value) & _all_finite(grads)
             keep_old = state.replace(rng=rng)  # advance the key even when skipping
@@ -200,7 +193,7 @@ def make_train_step(
             metrics["finite"] = finite
         return new_state, metrics
 
-    return TrainStep(pure, model, donate)
+    return TrainStep(pure, model, donate, mesh)
 
 
 def train_epoch(step: TrainStep, state: TrainState, xs, ys):
@@ -223,6 +216,8 @@ def train_epoch(step: TrainStep, state: TrainState, xs, ys):
             f"train_epoch: expected xs (num_batches, batch, ...) and ys with the same two leading axes, "
             f"got {xs_shape} and {ys_shape}"
         )
+    if step.mesh is not None:
+        state, xs, ys = parallel.place(step.mesh, state, xs, ys, batch_axis=1)
     return step._epoch(state, xs, ys)
 
 

@@ -114,3 +114,91 @@ def check_float(layer: Any, x, *, what: str = "x") -> None:
 def param_dtype(x) -> Any:
     """Parameters follow the input's float dtype (float64 input -> float64 params)."""
     return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros(()).dtype
+
+
+def per_example_outer_sq_norms(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``||sum_t a[i, t]^T b[i, t]||_F^2`` for every example i, without the matrices when cheaper.
+
+    The parameter gradient of a Dense or Conv2D layer for one example is such a
+    sum of outer products (t runs over positions: sequence steps, output pixels).
+    One position: the norm of an outer product is the product of the norms.
+    Several: the Gram form ``sum_{t,s} (a_t . a_s)(b_t . b_s)`` (Goodfellow 2015;
+    Li et al. 2021, ghost clipping) or the matrix itself, whichever costs less.
+
+    Args:
+      a: ``(batch, T, I)``. b: ``(batch, T, O)``.
+
+    Returns:
+      ``(batch,)`` squared Frobenius norms, in at least float32.
+    """
+    dtype = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
+    a, b = a.astype(dtype), b.astype(dtype)
+    steps, n_in, n_out = a.shape[1], a.shape[2], b.shape[2]
+    if steps == 1:
+        return jnp.sum(a * a, axis=(1, 2)) * jnp.sum(b * b, axis=(1, 2))
+    if steps * (n_in + n_out) < n_in * n_out:
+        gram_a = jnp.einsum("bti,bsi->bts", a, a)
+        gram_b = jnp.einsum("bto,bso->bts", b, b)
+        return jnp.sum(gram_a * gram_b, axis=(1, 2))
+    g = jnp.einsum("bti,bto->bio", a, b)
+    return jnp.sum(g * g, axis=(1, 2))
+
+
+def call_per_example_sq_norms(layer: Any, params: Params, cache: Cache, dy: jax.Array) -> jax.Array:
+    """Squared L2 norm of each example's parameter gradient (all leaves together): ``(batch,)``.
+
+    ``dy`` is ``(batch, ...)``, the gradient of the loss of each example on its
+    own; the cache comes from ``layer.forward`` on the batch. Uses the layer's
+    ``per_example_sq_norms(params, cache, dy)`` when it has one (a few
+    reductions, no per-example gradients); a layer without parameters gives
+    zeros; any other layer falls back to jax.vmap of its backward over single
+    examples, which needs every cache leaf to have the batch as its first axis.
+    """
+    batch = dy.shape[0]
+    zeros = jnp.zeros((batch,), jnp.promote_types(dy.dtype, jnp.float32))
+    if not jax.tree_util.tree_leaves(params):
+        return zeros
+    hook = getattr(layer, "per_example_sq_norms", None)
+    if hook is not None:
+        return hook(params, cache, dy)
+
+    def one(cache_i, dy_i):
+        dparams, _ = layer.backward(params, cache_i, dy_i)
+        return sum(jnp.sum(jnp.square(g.astype(zeros.dtype))) for g in jax.tree_util.tree_leaves(dparams))
+
+    return jax.vmap(one)(cache, dy)
+
+
+def scale_examples(dy: jax.Array, weights: jax.Array) -> jax.Array:
+    """``dy[i] * weights[i]`` for every example i: ``dy: (batch, ...)``, ``weights: (batch,)``."""
+    return dy * weights.astype(dy.dtype).reshape(-1, *([1] * (dy.ndim - 1)))
+
+
+def call_per_example_backward(layer: Any, params: Params, cache: Cache, dy: jax.Array):
+    """One backward walk that also yields what per-example clipping needs.
+
+    Returns ``(sq_norms, dx, weighted_grads)``: ``sq_norms: (batch,)`` the
+    squared norm of each example's parameter gradient (``call_per_example_sq_norms``),
+    ``dx`` as from ``layer.backward``, and ``weighted_grads(weights)`` = sum_i
+    weights[i] g_i, shaped like params. Examples do not mix and backward is
+    linear in dy, so scaling example i's dy by weights[i] at every layer scales
+    its gradient: ``weighted_grads`` reuses each layer's dy from this walk
+    (book-keeping, Bu et al. 2022) instead of walking back again. Under jit,
+    XLA keeps only dx of the first call to each backward and only the
+    parameter gradients of the second. A layer may provide
+    ``per_example_weighted_grads(params, cache, dy, weights)`` to weigh
+    something cheaper than dy (Dense and Conv2D weigh their input). Combinators
+    provide their own ``per_example_backward(params, cache, dy)`` that recurses.
+    """
+    own = getattr(layer, "per_example_backward", None)
+    if own is not None:
+        return own(params, cache, dy)
+    _, dx = layer.backward(params, cache, dy)
+    hook = getattr(layer, "per_example_weighted_grads", None)
+
+    def weighted_grads(weights):
+        if hook is not None:
+            return hook(params, cache, dy, weights)
+        return layer.backward(params, cache, scale_examples(dy, weights))[0]
+
+    return call_per_example_sq_norms(layer, params, cache, dy), dx, weighted_grads

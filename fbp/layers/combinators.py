@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from fbp.layers.base import Layer, call_apply, call_forward, describe
+from fbp.layers.base import Layer, call_apply, call_forward, call_per_example_backward, describe
 
 
 def _split(key, n):
@@ -77,6 +78,25 @@ class Sequential(Layer):
             dparams[i], dy = self.layers[i].backward(params[i], caches[i], dy)
         return dparams, dy
 
+    def per_example_backward(self, params, caches, dy):
+        """``(sq_norms, dx, weighted_grads)`` (see ``call_per_example_backward``): the layers' norms add.
+
+        Walks back like ``backward``; ``weighted_grads(weights)`` gives every
+        layer's weighted gradient from the dy that layer saw on this walk.
+        """
+        total = jnp.zeros((dy.shape[0],), jnp.promote_types(dy.dtype, jnp.float32))
+        weighted = [None] * len(self.layers)
+        for i in reversed(range(len(self.layers))):
+            if dy is None:
+                raise ValueError(f"{describe(self)}: layer [{i + 1}] returned dx = None but it is not the first layer")
+            sq, dy, weighted[i] = call_per_example_backward(self.layers[i], params[i], caches[i], dy)
+            total = total + sq
+        return total, dy, lambda weights: [grads(weights) for grads in weighted]
+
+    def per_example_sq_norms(self, params, caches, dy):
+        """Squared norm of each example's whole gradient, ``(batch,)``."""
+        return self.per_example_backward(params, caches, dy)[0]
+
 
 @dataclass(frozen=True)
 class Residual(Layer):
@@ -119,3 +139,12 @@ class Residual(Layer):
     def backward(self, params, cache, dy):
         dparams, dx_block = self.block.backward(params, cache, dy)
         return dparams, dy + dx_block
+
+    def per_example_backward(self, params, cache, dy):
+        """The block's norms and weighted gradients (the skip path has no parameters); dx adds dy."""
+        sq, dx_block, weighted_grads = call_per_example_backward(self.block, params, cache, dy)
+        return sq, dy + dx_block, weighted_grads
+
+    def per_example_sq_norms(self, params, cache, dy):
+        """The block's: the skip path has no parameters."""
+        return self.per_example_backward(params, cache, dy)[0]

@@ -12,7 +12,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fbp.layers.base import Layer, check_array, check_float, describe, param_dtype
+from fbp.layers.base import (
+    Layer,
+    check_array,
+    check_float,
+    describe,
+    param_dtype,
+    per_example_outer_sq_norms,
+    scale_examples,
+)
 from fbp.layers.dense import _INITIALIZERS
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
@@ -122,7 +130,7 @@ class Conv2D(Layer):
             )
         y = lax.conv_general_dilated(x4, W, self._stride, pads, dimension_numbers=_DIMS)
         if self.use_bias:
-            y = y + params["b"]
+            y = y + lax.broadcast_to_rank(params["b"], y.ndim)
         return y.reshape(*lead, *y.shape[1:])
 
     def forward(self, params, x):
@@ -159,6 +167,43 @@ class Conv2D(Layer):
         if self.use_bias:
             dparams["b"] = dy4.sum(axis=(0, 1, 2))
         return dparams, dx.reshape(x.shape)
+
+    def per_example_sq_norms(self, params, x, dy):
+        """``||dW_i||^2 + ||db_i||^2`` for every example i of ``x: (batch, ..., H, W, C)``.
+
+        dW_i[a, b] = sum_p x_i[p + (a, b)]^T dy_i[p] over output pixels p: for
+        each kernel offset (a, b) a Dense-like sum of outer products of the
+        shifted input window and dy, and ||dW_i||^2 adds over the offsets. One
+        strided slice per offset; no image patches (kh kw times the input) and
+        no per-example kernels are formed unless that is the cheaper form.
+        """
+        batch = dy.shape[0]
+        x4, _ = _as_images(self, x)
+        x_padded = jnp.pad(x4, ((0, 0), *self._pads(x4.shape[1:3]), (0, 0)))
+        dy3 = dy.reshape(batch, -1, dy.shape[-1])
+        sq = sum(
+            per_example_outer_sq_norms(
+                _window_slice(x_padded, (i, j), self._stride, dy.shape[-3:-1]).reshape(batch, -1, x4.shape[-1]), dy3
+            )
+            for i in range(self._kernel[0])
+            for j in range(self._kernel[1])
+        )
+        if self.use_bias:
+            db = dy3.sum(axis=1).astype(sq.dtype)
+            sq = sq + jnp.sum(db * db, axis=1)
+        return sq
+
+    def per_example_weighted_grads(self, params, x, dy, weights):
+        """sum_i weights[i] g_i for ``x: (batch, ..., H, W, C)``: dW from weights x and dy, db = weights^T dy.
+
+        As Dense: weighing x keeps dy as the plain backward has it (a weighted
+        dy feeding the dW convolution made XLA on CPU split the pooling
+        backward that produces dy, four times slower).
+        """
+        dparams, _ = self.backward(params, scale_examples(x, weights), dy)
+        if self.use_bias:
+            dparams["b"] = weights.astype(dy.dtype) @ dy.reshape(dy.shape[0], -1, dy.shape[-1]).sum(axis=1)
+        return dparams
 
 
 class _Pool(Layer):

@@ -7,7 +7,15 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from fbp.layers.base import Layer, check_array, check_float, describe, param_dtype
+from fbp.layers.base import (
+    Layer,
+    check_array,
+    check_float,
+    describe,
+    param_dtype,
+    per_example_outer_sq_norms,
+    scale_examples,
+)
 
 _INITIALIZERS = {
     "he": jax.nn.initializers.he_normal,
@@ -64,7 +72,8 @@ class Dense(Layer):
     def apply(self, params, x):
         self._check(params, x)
         y = x @ params["W"]
-        return y + params["b"] if self.use_bias else y
+        # broadcast_to_rank: b (features,) -> (1, ..., features), explicit under rank_promotion="raise"
+        return y + jax.lax.broadcast_to_rank(params["b"], y.ndim) if self.use_bias else y
 
     def forward(self, params, x):
         return self.apply(params, x), x  # cache: x, since dW = x^T dy
@@ -77,3 +86,30 @@ class Dense(Layer):
         if self.use_bias:
             dparams["b"] = dy2.sum(axis=0)
         return dparams, dy @ params["W"].T
+
+    def per_example_sq_norms(self, params, x, dy):
+        """``||dW_i||^2 + ||db_i||^2`` for every example i of ``x: (batch, ..., in_features)``.
+
+        dW_i = sum_t x_it^T dy_it over the example's positions t, so the norm
+        comes from x and dy alone (a product of norms for one position).
+        """
+        batch = dy.shape[0]
+        x3 = x.reshape(batch, -1, x.shape[-1])
+        dy3 = dy.reshape(batch, -1, dy.shape[-1])
+        sq = per_example_outer_sq_norms(x3, dy3)
+        if self.use_bias:
+            db = dy3.sum(axis=1).astype(sq.dtype)
+            sq = sq + jnp.sum(db * db, axis=1)
+        return sq
+
+    def per_example_weighted_grads(self, params, x, dy, weights):
+        """sum_i weights[i] g_i for ``x: (batch, ..., in_features)``: dW = (weights x)^T dy, db = weights^T dy.
+
+        Weighing x rather than dy leaves dy as backward sees it, which XLA
+        compiles as well as the plain backward (a weighted dy feeding the
+        matmul or convolution can cost it a fused producer).
+        """
+        dparams, _ = self.backward(params, scale_examples(x, weights), dy)
+        if self.use_bias:
+            dparams["b"] = weights.astype(dy.dtype) @ dy.reshape(dy.shape[0], -1, dy.shape[-1]).sum(axis=1)
+        return dparams

@@ -65,16 +65,26 @@ class LayerNorm(Layer):
         centered = x - mean
         inv_std = jax.lax.rsqrt((centered * centered).mean(axis=-1, keepdims=True) + self.epsilon)
         xhat = centered * inv_std
-        return xhat * params["scale"] + params["bias"], (xhat, inv_std)
+        scale, bias = (jax.lax.broadcast_to_rank(params[name], x.ndim) for name in ("scale", "bias"))
+        return xhat * scale + bias, (xhat, inv_std)
 
     def backward(self, params, cache, dy):
         xhat, inv_std = cache
-        g = dy * params["scale"]
+        g = dy * jax.lax.broadcast_to_rank(params["scale"], dy.ndim)
         dx = inv_std * (
             g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True)
         )
         dparams = {"scale": sum_leading(dy * xhat, 1), "bias": sum_leading(dy, 1)}
         return dparams, dx
+
+    def per_example_sq_norms(self, params, cache, dy):
+        """``||dscale_i||^2 + ||dbias_i||^2`` for every example i of ``dy: (batch, ..., features)``."""
+        xhat, _ = cache
+        batch, features = dy.shape[0], dy.shape[-1]
+        dtype = jnp.promote_types(dy.dtype, jnp.float32)
+        dscale = (dy * xhat).reshape(batch, -1, features).sum(axis=1).astype(dtype)
+        dbias = dy.reshape(batch, -1, features).sum(axis=1).astype(dtype)
+        return jnp.sum(dscale * dscale, axis=1) + jnp.sum(dbias * dbias, axis=1)
 
 
 @dataclass(frozen=True)
@@ -149,3 +159,18 @@ class Embedding(Layer):
     def backward(self, params, ids, dy):
         dW = jnp.zeros_like(params["W"]).at[ids.reshape(-1)].add(dy.reshape(-1, self.features))
         return {"W": dW}, None
+
+    def per_example_sq_norms(self, params, ids, dy):
+        """``||dW_i||^2`` for every example i of ``ids: (batch, ...)``.
+
+        Row r of dW_i sums dy over the positions whose id is r, so
+        ||dW_i||^2 = sum_{t,s} [id_t == id_s] (dy_t . dy_s): a masked Gram matrix.
+        """
+        batch = ids.shape[0]
+        ids2 = ids.reshape(batch, -1)
+        dy3 = dy.reshape(batch, -1, self.features).astype(jnp.promote_types(dy.dtype, jnp.float32))
+        if ids2.shape[1] == 1:
+            return jnp.sum(dy3 * dy3, axis=(1, 2))
+        same = ids2[:, :, None] == ids2[:, None, :]
+        gram = jnp.einsum("btf,bsf->bts", dy3, dy3)
+        return jnp.sum(jnp.where(same, gram, jnp.zeros_like(gram)), axis=(1, 2))
