@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from jax.sharding import Mesh
 
 from fbp import parallel
 from fbp.grads import MODES, check_batch, clipped_value_and_grad, value_and_grad
-from fbp.grads import clip_and_average as clip_and_average  # re-exported: it lived here before
+from fbp.grads import clip_and_average as clip_and_average  # noqa: PLC0414 - explicit re-export: it lived here before
 from fbp.layers.base import describe
 from fbp.losses import MSE, SoftmaxCrossEntropy
 
@@ -39,7 +40,7 @@ class TrainState(NamedTuple):
     rng: jax.Array | None = None
 
     @classmethod
-    def create(cls, params, optimizer: optax.GradientTransformation, rng: jax.Array | None = None) -> "TrainState":
+    def create(cls, params, optimizer: optax.GradientTransformation, rng: jax.Array | None = None) -> TrainState:
         """A fresh state: ``optimizer.init(params)``, step 0.
 
         The state holds copies of ``params``: the train step donates its input
@@ -51,7 +52,7 @@ class TrainState(NamedTuple):
         rng = None if rng is None else jnp.array(rng)
         return cls(params, optimizer.init(params), jnp.zeros((), jnp.int32), rng)
 
-    def replace(self, **changes) -> "TrainState":
+    def replace(self, **changes) -> TrainState:
         return self._replace(**changes)
 
 

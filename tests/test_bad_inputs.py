@@ -60,7 +60,7 @@ def nan_in_data():
 
 
 def inf_in_parameters():
-    model, optimizer, state = _mlp_state()
+    model, _, state = _mlp_state()
     params = [dict(p) for p in state.params]
     params[2]["W"] = params[2]["W"].at[0, 0].set(jnp.inf)
     x, y = jnp.ones((4, 5)), jnp.zeros((4,), jnp.int32)
@@ -169,7 +169,7 @@ CASES = {
 def test_bad_input_gets_a_clear_error(label, tmp_path):
     make_bad_call, error, message = CASES[label]
     takes_path = make_bad_call.__code__.co_argcount == 1
-    with pytest.raises(error, match=re.compile(message, re.S)):
+    with pytest.raises(error, match=re.compile(message, re.DOTALL)):
         make_bad_call(tmp_path) if takes_path else make_bad_call()
 
 

@@ -8,7 +8,23 @@ from fbp.layers.dense import Dense
 from fbp.layers.misc import Dropout, Embedding, Flatten, LayerNorm
 
 __all__ = [
-    "AvgPool2D", "Conv2D", "Dense", "Dropout", "Embedding", "Flatten", "GELU", "Layer",
-    "LayerNorm", "LeakyReLU", "LogSoftmax", "MaxPool2D", "ReLU", "Residual", "Sequential",
-    "Sigmoid", "Softmax", "Tanh", "describe",
+    "GELU",
+    "AvgPool2D",
+    "Conv2D",
+    "Dense",
+    "Dropout",
+    "Embedding",
+    "Flatten",
+    "Layer",
+    "LayerNorm",
+    "LeakyReLU",
+    "LogSoftmax",
+    "MaxPool2D",
+    "ReLU",
+    "Residual",
+    "Sequential",
+    "Sigmoid",
+    "Softmax",
+    "Tanh",
+    "describe",
 ]
