@@ -540,6 +540,11 @@ def _format_ratio(value: float) -> str:
     return f"{value:.2f}x"
 
 
+NOTES = "## Notes (hand-written)"  # kept when --results rewrites the file: the tables change, the reading stays
+BUSY_HOST = (
+    "- **The host was busy** (load average above its core count): other work shared the cores, so times "
+    "and spreads are noisy; ratios within rounds suffer less"
+)
 NO_ACCELERATOR = (
     "- No GPU or TPU was visible to JAX: the bfloat16 config (run by default on an accelerator, or with "
     "`--bf16`) is not in these tables"
@@ -567,6 +572,7 @@ def to_markdown(report: dict) -> str:
             f"- {report['rounds']} interleaved rounds of about {report['round_seconds']} s per variant; host "
             f"load average {report['load_average']['before']} before, {report['load_average']['after']} after"
         ),
+        *([BUSY_HOST] if max(filter(None, report["load_average"].values()), default=0) > env["cpu_count"] else []),
         *([NO_ACCELERATOR] if env["backend"] == "cpu" and not any(
             entry["config"]["dtype"] == "bfloat16" for entry in report["configs"]) else []),
         "",
@@ -647,7 +653,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--round-seconds", type=float, help="time per variant per round (default 0.25)")
     parser.add_argument("--no-frameworks", action="store_true", help="skip Flax NNX and Equinox")
     parser.add_argument("--out", default="benchmarks/out", help="folder for train_step.json and train_step.md")
-    parser.add_argument("--results", metavar="PATH", help="also write the markdown here (benchmarks/RESULTS.md)")
+    parser.add_argument("--results", metavar="PATH",
+                        help=f"also write the markdown here (benchmarks/RESULTS.md), keeping its '{NOTES}' section")
     return parser
 
 
@@ -684,7 +691,9 @@ def run(args: argparse.Namespace) -> int:
     markdown = to_markdown(report)
     (out / "train_step.md").write_text(markdown)
     if args.results:
-        Path(args.results).write_text(markdown)
+        results = Path(args.results)
+        notes = results.read_text().partition(NOTES)[2] if results.is_file() else ""
+        results.write_text(markdown + (f"\n{NOTES}{notes}" if notes else ""))
     print(markdown)
     print(f"wrote {out / 'train_step.json'} and {out / 'train_step.md'}" + (f" and {args.results}" if args.results else ""))
     return 0

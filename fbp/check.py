@@ -37,10 +37,11 @@ reference r and candidate c, element i passes when
   It is computed only when a row fails without it, since it can only widen.
 * ``eps G``: eps of the dtype times G, the largest gradient element in the
   model (or layer): in this precision anything below is zero (``_zero_floor``).
-* ``sum_i = SUM_FACTOR B eps mean_j |g_j,i|`` (float32 and float64) bounds the
-  rounding of the sum over a batch of B examples with per-example gradients
-  g_j: a gradient that is exactly 0 by symmetry (balanced labels) is such a
-  cancelling sum, with jax's noise often exactly 0 as well.
+* ``sum_i = SUM_FACTOR max(1, log2 B) eps mean_j |g_j,i|`` is the rounding of a
+  pairwise sum over a batch of B examples with per-example gradients g_j (XLA
+  sums low precisions in float32, so this is generous there): a gradient that
+  is exactly 0 by symmetry (balanced labels) is such a cancelling sum, and
+  jax's own noise there is often exactly 0 too.
 
 For a finite-difference direction v (unit norm) on a leaf with manual gradient g:
 
@@ -72,7 +73,7 @@ DEFAULT_RTOL = {"float64": 1e-9, "float32": 1e-4, "float16": 1e-2, "bfloat16": 3
 NOISE_FACTOR = 4.0  # how much noisier than measured a correct gradient may be
 FD_RTOL = 1e-7  # float64 central differences: truncation + rounding, relative to ||g||
 FD_STEPS = (1.0, 0.1, 0.01)  # step multiples; the closest estimate counts (kinks)
-SUM_FACTOR = 4.0  # times the worst-case rounding of the batch sum, B eps mean_j |g_j|
+SUM_FACTOR = 4.0  # times the rounding of a pairwise batch sum, log2(B) eps mean_j |g_j|
 _PROBE = "float32"  # the lower precision whose noise, scaled, stands in for float64's
 # cotangent keys are salted: an unsalted PRNGKey(seed) (or its fold_in / split) is often the very key
 # the caller drew x from, and dy == x makes x^T dy symmetric, hiding a transposed dW
@@ -833,7 +834,7 @@ def check_gradients(
       x: a batch of inputs, batch axis first.
       y: the batch's targets.
       rtol, atol, noise_factor: see the module docstring; rtol defaults by dtype
-        (``DEFAULT_RTOL``), noise_factor 0 turns the measured-noise term off.
+        (``DEFAULT_RTOL``); noise_factor 0 turns the noise and zero-floor terms off.
       directions: finite-difference directions per leaf (the first is along the
         manual gradient itself, the rest random).
       seed: seeds the directions and the cotangents of the layer checks.
@@ -875,13 +876,12 @@ def check_gradients(
             except Exception as error:  # noqa: BLE001
                 raised.append(_failed_row("per-example", "<all>", (), _raised(error)))
     averaged, gross = averaged if averaged is not None else (None, None)
-    # absolute floors, elementwise: the rounding of the sum over the batch, at most (B - 1) eps sum_j |g_j / B|
-    # for a sequential sum, which matters where that sum cancels to ~0 (below float32 the measured backward
-    # rounding covers it); and the zero floor, eps times the largest gradient element
+    # absolute floors, elementwise: the rounding of the sum over the batch, about log2(B) eps sum_j |g_j / B|
+    # for a pairwise sum, which matters where that sum cancels to ~0; and the zero floor, eps times the
+    # largest gradient element
     eps = float(jnp.finfo(dtype).eps)
-    floors = {
-        p: SUM_FACTOR * jnp.shape(x)[0] * eps * _numpy(g) for p, g in _by_path(gross).items() if not _math_only(dtype)
-    }
+    sum_depth = max(1.0, float(np.log2(jnp.shape(x)[0]))) if gross is not None else 0.0
+    floors = {p: SUM_FACTOR * sum_depth * eps * _numpy(g) for p, g in _by_path(gross).items()}
     floor = noise_factor * _zero_floor(dtype, reference)
     float_leaves = {p: leaf for p, leaf in _by_path(params).items() if _is_float(leaf)}
     floors = {  # a misshapen manual gradient gets no batch floor: its own row fails on the shape

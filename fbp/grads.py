@@ -111,7 +111,7 @@ def per_example_grads(model, loss, *, mode: str = "manual") -> Callable:
 
 
 def _check_per_example(per_example) -> None:
-    if per_example not in PER_EXAMPLE or isinstance(per_example, int) and not isinstance(per_example, bool):
+    if not (isinstance(per_example, bool) or isinstance(per_example, str) and per_example == "vmap"):
         raise ValueError(f"per_example must be one of {PER_EXAMPLE}, got {per_example!r}")
 
 
@@ -215,10 +215,12 @@ def clip_and_average(grads, clip_norm: float):
     Returns:
       (mean of g_i * min(1, C / ||g_i||), per-example norms (batch,)).
     """
-    leaves = jax.tree_util.tree_leaves(grads)
-    sq = sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1).astype(jnp.promote_types(g.dtype, jnp.float32))), axis=1)
-             for g in leaves)
-    norms = jnp.sqrt(sq)
+
+    def sq_norms(g):  # (batch,), in at least float32
+        g = g.reshape(g.shape[0], -1).astype(jnp.promote_types(g.dtype, jnp.float32))
+        return jnp.sum(g * g, axis=1)
+
+    norms = jnp.sqrt(sum(sq_norms(g) for g in jax.tree_util.tree_leaves(grads)))
     factor = clip_factors(norms, clip_norm)
     mean = jax.tree_util.tree_map(lambda g: jnp.tensordot(factor.astype(g.dtype), g, axes=1) / g.shape[0], grads)
     return mean, norms

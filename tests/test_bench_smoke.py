@@ -19,6 +19,7 @@ from fbp import cli
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     results = out / "RESULTS.md"
+    results.write_text(f"old tables\n{train_step.NOTES}\nkept notes\n")
     # the raw-JAX, Flax and Equinox models broadcast biases as users write them
     with jax.numpy_rank_promotion("allow"):
         assert cli.main(["bench", "--quick", "--rounds", "1", "--out", str(out), "--results", str(results)]) == 0
@@ -44,6 +45,7 @@ def test_quick_run_reports_targets(quick_report):
     assert {"fbp manual / raw-jax", "per_example / batch step", "per_example + clip / batch step",
             "train_epoch steps/s / Python loop's", "fbp manual FLOP/s / matmul peak"} <= targets
     assert "## Targets" in markdown and "| raw-jax |" in markdown
+    assert "old tables" not in markdown and markdown.endswith(f"{train_step.NOTES}\nkept notes\n")
 
 
 def test_matmul_flops_counts_dots_and_convolutions():

@@ -138,7 +138,7 @@ def test_a_one_percent_error_in_one_weight_gradient_fails():
 
 
 # smallest relative errors asserted detected per dtype; docs/checker.md has the measured floors
-MUST_DETECT = {"float64": 1e-8, "float32": 1e-3, "bfloat16": 0.1}
+MUST_DETECT = {"float64": 1e-8, "float32": 1e-3, "bfloat16": 0.3}
 
 
 @pytest.mark.parametrize("dtype", list(MUST_DETECT))
