@@ -1,21 +1,60 @@
 """Gradients three ways: the hand-written backward, jax.grad, and both per example.
 
-Everything here returns plain functions of ``(params, x, y)``; jit them as you
-like (the train step does).
+Everything here returns plain functions of ``(params, x, y, key=None)``; jit
+them as you like (the train step does). Two choices run through every function:
+
+- ``grad``, how a gradient is computed (``GRAD_MODES``): ``"manual"`` (the
+  model's forward with its cache, the loss's backward, then ``model.backward``:
+  the hand-written chain rule), ``"autodiff"`` (jax.grad of ``model.apply``,
+  the reference) or ``"custom_vjp"`` (jax.grad through ``with_manual_vjp``:
+  the hand-written backward as JAX's VJP).
+- ``per_example`` (``PER_EXAMPLE``), whether each example's gradient is taken
+  on its own (for clipping): ``False`` the batch gradient; ``True`` the fast
+  path, one forward and one backward over the batch that yields what each
+  example needs (the per-example hooks of ``LayerProtocol``); ``"vmap"``
+  jax.vmap over single examples, materialising every example's gradient: the
+  slow, obvious reference that the fast path is checked against.
 """
 
 from __future__ import annotations
 
-import functools
+import warnings
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from fbp.layers.base import call_apply, call_forward, call_per_example_backward, describe
+from fbp.layers.base import call_per_example_backward, describe, uses_key
 
-MODES = ("manual", "autodiff", "custom_vjp")
+GRAD_MODES = ("manual", "autodiff", "custom_vjp")
+MODES = GRAD_MODES  # the name before fbp 0.2.0
 PER_EXAMPLE = (False, True, "vmap")
+
+
+def check_grad_mode(grad, where: str) -> None:
+    """Raise ValueError unless ``grad`` is one of ``GRAD_MODES``; ``where`` names the caller."""
+    if not isinstance(grad, str) or grad not in GRAD_MODES:
+        raise ValueError(f"{where}: grad must be one of {GRAD_MODES}, got {grad!r}")
+
+
+def _grad_mode(grad: str, mode: str | None, where: str) -> str:
+    """``grad``, or the deprecated ``mode=`` spelling of it (fbp < 0.2.0), checked."""
+    if mode is not None:
+        warnings.warn(
+            f"{where}: mode= is deprecated since fbp 0.2.0 and will be removed; pass grad={mode!r}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if grad != "manual" and grad != mode:
+            raise ValueError(f"{where}: got grad={grad!r} and mode={mode!r}; pass grad= only")
+        grad = mode
+    check_grad_mode(grad, where)
+    return grad
+
+
+def _check_per_example(per_example, where: str) -> None:
+    if not (isinstance(per_example, bool) or isinstance(per_example, str) and per_example == "vmap"):
+        raise ValueError(f"{where}: per_example must be one of {PER_EXAMPLE}, got {per_example!r}")
 
 
 def with_manual_vjp(model) -> Callable:
@@ -28,10 +67,10 @@ def with_manual_vjp(model) -> Callable:
 
     @jax.custom_vjp
     def f(params, x, key):
-        return call_apply(model, params, x, key)
+        return model.apply(params, x, key=key)
 
     def fwd(params, x, key):
-        y, cache = call_forward(model, params, x, key)
+        y, cache = model.forward(params, x, key=key)
         return y, (params, cache)
 
     def bwd(residuals, dy):
@@ -63,42 +102,49 @@ def check_batch(model, x, y) -> None:
         raise ValueError(f"{describe(model)}: the batch is empty (x has shape {x_shape})")
 
 
-def _batch_value_and_grad(model, loss, mode: str) -> Callable:
-    if mode == "manual":
+def _batch_value_and_grad(model, loss, grad: str) -> Callable:
+    """``f(params, x, y, key=None) -> (loss value, grads)`` over the batch, by ``grad`` (checked by the caller)."""
+    if grad == "manual":
 
         def manual(params, x, y, key=None):
-            pred, cache = call_forward(model, params, x, key)  # forward pass, keeping the cache
+            pred, cache = model.forward(params, x, key=key)  # forward pass, keeping the cache
             value, loss_cache = loss.forward(pred, y)
             dpred = loss.backward(loss_cache)  # dL/dpred
             dparams, _ = model.backward(params, cache, dpred)  # the chain rule, layer by layer
             return value, dparams
 
         return manual
-    if mode == "autodiff":
+    apply = with_manual_vjp(model) if grad == "custom_vjp" else _apply_of(model)
 
-        def autodiff(params, x, y, key=None):
-            return jax.value_and_grad(lambda p: loss(call_apply(model, p, x, key), y))(params)
+    def by_jax(params, x, y, key=None):
+        return jax.value_and_grad(lambda p: loss(apply(p, x, key), y))(params)
 
-        return autodiff
-    if mode == "custom_vjp":
-        apply = with_manual_vjp(model)
-
-        def custom(params, x, y, key=None):
-            return jax.value_and_grad(lambda p: loss(apply(p, x, key), y))(params)
-
-        return custom
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return by_jax
 
 
-def per_example_grads(model, loss, *, mode: str = "manual") -> Callable:
-    """``f(params, x, y, key=None) -> (values, grads)`` for every example separately.
+def _apply_of(model) -> Callable:
+    """``model.apply`` as ``f(params, x, key)``, the signature ``with_manual_vjp`` returns."""
+    return lambda params, x, key=None: model.apply(params, x, key=key)
 
-    Each leaf of ``grads`` gains a leading batch axis: ``grads[leaf][i]`` is the
-    gradient of example i's loss (jax.vmap over single examples, which every
-    layer accepts without a batch axis). ``values: (batch,)``. With a key,
-    example i gets ``jax.random.fold_in(key, i)``.
+
+def per_example_value_and_grad(model, loss, *, grad: str = "manual", mode: str | None = None) -> Callable:
+    """``f(params, x, y, key=None) -> (values, grads)``: every example's loss and gradient, separately.
+
+    By jax.vmap over single examples (every layer accepts an example without a
+    batch axis), each computed as ``grad`` says. With a key, example i gets
+    ``jax.random.fold_in(key, i)``.
+
+    Args:
+      model: any layer. loss: a loss from ``fbp.losses``.
+      grad: one of ``GRAD_MODES`` (see the module docstring).
+      mode: deprecated spelling of ``grad``.
+
+    Returns:
+      ``values: (batch,)``, each example's loss; ``grads`` shaped like params
+      with a leading batch axis on every leaf: ``grads[leaf][i]`` is the
+      gradient of example i's loss.
     """
-    single = _batch_value_and_grad(model, loss, mode)
+    single = _batch_value_and_grad(model, loss, _grad_mode(grad, mode, "per_example_value_and_grad"))
 
     def f(params, x, y, key=None):
         check_batch(model, x, y)
@@ -110,18 +156,30 @@ def per_example_grads(model, loss, *, mode: str = "manual") -> Callable:
     return f
 
 
-def _check_per_example(per_example) -> None:
-    if not (isinstance(per_example, bool) or isinstance(per_example, str) and per_example == "vmap"):
-        raise ValueError(f"per_example must be one of {PER_EXAMPLE}, got {per_example!r}")
+def per_example_grads(model, loss, *, grad: str = "manual", mode: str | None = None) -> Callable:
+    """``f(params, x, y, key=None) -> grads``: every example's gradient, stacked.
+
+    ``per_example_value_and_grad`` without the values: each leaf of ``grads``
+    gains a leading batch axis, ``grads[leaf][i]`` the gradient of example i's
+    loss (jax.vmap over single examples; with a key, example i gets
+    ``jax.random.fold_in(key, i)``). Before fbp 0.2.0 this returned
+    ``(values, grads)``: use ``per_example_value_and_grad`` for both.
+    """
+    both = per_example_value_and_grad(model, loss, grad=_grad_mode(grad, mode, "per_example_grads"))
+
+    def f(params, x, y, key=None):
+        return both(params, x, y, key)[1]
+
+    return f
 
 
-def _batch_forward_is_per_example(model, key) -> bool:
+def _batch_forward_is_per_example(model, params, x, key) -> bool:
     """Whether one forward pass over the batch equals the vmapped single-example forwards.
 
     It does for fbp layers, which treat leading axes as independent examples,
     unless randomness is drawn: vmap gives example i the key fold_in(key, i).
     """
-    return key is None or not getattr(model, "takes_key", False)
+    return key is None or not uses_key(model, params, x, key)
 
 
 def _per_example_loss(loss, pred, y):
@@ -138,7 +196,7 @@ def _per_example_loss(loss, pred, y):
     return jax.vmap(one)(pred, y)
 
 
-def _averaged_per_example(model, loss, mode: str) -> Callable:
+def _averaged_per_example(model, loss, grad: str) -> Callable:
     """Mean of per-example gradients as one backward pass over the batch.
 
     Example i's gradient is backward(cache, e_i dpred_i), linear in dpred_i, and
@@ -148,10 +206,10 @@ def _averaged_per_example(model, loss, mode: str) -> Callable:
     """
 
     def pullback(params, x, key):
-        if mode == "manual":
-            pred, cache = call_forward(model, params, x, key)
+        if grad == "manual":
+            pred, cache = model.forward(params, x, key=key)
             return pred, lambda dpred: model.backward(params, cache, dpred)[0]
-        apply = with_manual_vjp(model) if mode == "custom_vjp" else functools.partial(call_apply, model)
+        apply = with_manual_vjp(model) if grad == "custom_vjp" else _apply_of(model)
         pred, vjp = jax.vjp(lambda p: apply(p, x, key), params)
         return pred, lambda dpred: vjp(dpred)[0]
 
@@ -164,35 +222,39 @@ def _averaged_per_example(model, loss, mode: str) -> Callable:
     return averaged
 
 
-def value_and_grad(model, loss, *, mode: str = "manual", per_example: bool | str = False) -> Callable:
+def value_and_grad(
+    model, loss, *, grad: str = "manual", per_example: bool | str = False, mode: str | None = None
+) -> Callable:
     """``f(params, x, y, key=None) -> (loss value, grads)``, ``grads`` shaped like ``params``.
 
     Args:
       model: any layer (usually a Sequential).
       loss: a loss from ``fbp.losses``.
-      mode: ``"manual"`` (forward, loss forward/backward, then ``model.backward``),
+      grad: ``"manual"`` (forward, loss forward/backward, then ``model.backward``),
         ``"autodiff"`` (jax.value_and_grad over ``model.apply``) or
         ``"custom_vjp"`` (jax.value_and_grad through ``with_manual_vjp``).
-      per_example: ``False``: the batch gradient. ``True``: the mean of every
-        example's own gradient (each example's loss and dpred computed alone,
-        then one backward over the batch with dpred / batch, which sums the
-        per-example gradients inside each layer; as fast as the batch step).
-        ``"vmap"``: the same mean by jax.vmap over single examples, materialising
-        every per-example gradient (also used for ``True`` when a model with
-        dropout gets a key, since vmap gives example i the key fold_in(key, i)).
-        All equal the batch gradient, since the batch loss is the mean of the
+      per_example: ``False``: the batch gradient. ``True`` (the fast path): the
+        mean of every example's own gradient, each example's loss and dpred
+        computed alone, then one backward over the batch with dpred / batch,
+        which sums the per-example gradients inside each layer: as fast as the
+        batch step, no per-example gradient materialised. ``"vmap"``: the same
+        mean by jax.vmap over single examples (``per_example_value_and_grad``),
+        materialising every per-example gradient: the reference. ``True`` also
+        takes the vmap path when the model draws random numbers from a given
+        key, so that example i gets the key fold_in(key, i) on both paths. All
+        equal the batch gradient, since the batch loss is the mean of the
         per-example losses.
+      mode: deprecated spelling of ``grad``.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    _check_per_example(per_example)
+    grad = _grad_mode(grad, mode, "value_and_grad")
+    _check_per_example(per_example, "value_and_grad")
     if per_example is False:
-        return _batch_value_and_grad(model, loss, mode)
-    stacked = per_example_grads(model, loss, mode=mode)
-    fast = _averaged_per_example(model, loss, mode)
+        return _batch_value_and_grad(model, loss, grad)
+    stacked = per_example_value_and_grad(model, loss, grad=grad)
+    fast = _averaged_per_example(model, loss, grad)
 
     def averaged(params, x, y, key=None):
-        if per_example is True and _batch_forward_is_per_example(model, key):
+        if per_example is True and _batch_forward_is_per_example(model, params, x, key):
             return fast(params, x, y, key)
         values, grads = stacked(params, x, y, key)
         return values.mean(), jax.tree_util.tree_map(lambda g: g.mean(axis=0), grads)
@@ -227,39 +289,44 @@ def clip_and_average(grads, clip_norm: float):
 
 
 def clipped_value_and_grad(
-    model, loss, clip_norm: float, *, mode: str = "manual", per_example: bool | str = True
+    model, loss, clip_norm: float, *, grad: str = "manual", per_example: bool | str = True, mode: str | None = None
 ) -> Callable:
     """``f(params, x, y, key=None) -> (loss value, clipped mean gradient, norms)`` for DP-SGD.
 
     The gradient is ``mean_i g_i min(1, C / ||g_i||)`` with g_i example i's
     gradient and C = ``clip_norm``; ``norms: (batch,)`` holds every ||g_i||.
 
-    With ``per_example=True`` and ``mode="manual"``, no g_i is materialised
-    (ghost clipping, Li et al. 2021): one backward walk over the batch gets
-    ||g_i||^2 from each layer's ``per_example_sq_norms`` (its cache and dy; for
-    Dense, ||x_i|| ||dy_i||), the factors follow, and each layer's gradient
-    with its dy scaled by factor_i / B is exactly the clipped mean (the dy's of
-    the walk are reused, so there is no second walk: ``call_per_example_backward``).
-    Otherwise (``"vmap"``, autodiff modes, dropout with a key, a model with
-    neither ``per_example_backward`` nor ``per_example_sq_norms``) the g_i come
-    from ``per_example_grads``.
+    Args:
+      model, loss, grad: as ``value_and_grad``; ``mode``: deprecated spelling of ``grad``.
+      clip_norm: the bound C.
+      per_example: ``True`` (the fast path): with ``grad="manual"`` no g_i is
+        materialised (ghost clipping, Li et al. 2021): one backward walk over
+        the batch gets ||g_i||^2 from each layer's ``per_example_sq_norms`` (its
+        cache and dy; for Dense, ||x_i|| ||dy_i||), the factors follow, and each
+        layer's gradient with its dy scaled by factor_i / B is exactly the
+        clipped mean (the dy's of the walk are reused, so there is no second
+        walk: ``call_per_example_backward``). ``"vmap"``: the g_i from
+        ``per_example_value_and_grad``, clipped and averaged: the reference,
+        also taken for ``True`` with the autodiff modes, with a model that
+        draws random numbers from a given key, or with a model that has
+        neither ``per_example_backward`` nor ``per_example_sq_norms``.
+        ``False`` is refused: clipping needs per-example gradients.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    _check_per_example(per_example)
+    grad = _grad_mode(grad, mode, "clipped_value_and_grad")
+    _check_per_example(per_example, "clipped_value_and_grad")
     if per_example is False:
         raise ValueError("clipping needs per-example gradients: pass per_example=True or 'vmap'")
-    stacked = per_example_grads(model, loss, mode=mode)
+    stacked = per_example_value_and_grad(model, loss, grad=grad)
     hooks = ("per_example_backward", "per_example_sq_norms")
-    ghost = per_example is True and mode == "manual" and any(callable(getattr(model, h, None)) for h in hooks)
+    ghost = per_example is True and grad == "manual" and any(callable(getattr(model, h, None)) for h in hooks)
 
     def clipped(params, x, y, key=None):
-        if not (ghost and _batch_forward_is_per_example(model, key)):
+        if not (ghost and _batch_forward_is_per_example(model, params, x, key)):
             values, grads = stacked(params, x, y, key)
             grads, norms = clip_and_average(grads, clip_norm)
             return values.mean(), grads, norms
         check_batch(model, x, y)
-        pred, cache = call_forward(model, params, x, key)
+        pred, cache = model.forward(params, x, key=key)
         values, dpred = _per_example_loss(loss, pred, y)
         sq_norms, _, weighted_grads = call_per_example_backward(model, params, cache, dpred)
         norms = jnp.sqrt(sq_norms)

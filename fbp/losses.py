@@ -19,9 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer) and isinstance(x, (np.ndarray, jax.Array))
+from fbp.layers.base import is_concrete
 
 
 def _check_pred(loss, pred):
@@ -66,7 +64,7 @@ def _targets_as_probs(loss, logits, target):
                 f"{name}: integer labels must have shape {tuple(logits.shape[:-1])} for logits "
                 f"{tuple(logits.shape)}, got {tuple(target.shape)}"
             )
-        if _is_concrete(target) and target.size:
+        if is_concrete(target) and target.size:
             values = np.asarray(target)
             low, high = int(values.min()), int(values.max())
             if low < 0 or high >= num_classes:

@@ -204,7 +204,7 @@ def layernorm_wrong_axis(self, params, cache, dy):
     return {"scale": sum_leading(dy * xhat, 1), "bias": sum_leading(dy, 1)}, dx
 
 
-def layernorm_stale_forward(self, params, x):
+def layernorm_stale_forward(self, params, x, *, key=None):
     mean = x.mean(axis=-1, keepdims=True)
     centered = x - mean
     inv_std = jax.lax.rsqrt((centered * centered).mean(axis=-1, keepdims=True) + self.epsilon)
@@ -212,7 +212,7 @@ def layernorm_stale_forward(self, params, x):
     return y, (centered, inv_std)  # caches x - mean from before the division: not xhat
 
 
-def layernorm_cache_x(self, params, x):
+def layernorm_cache_x(self, params, x, *, key=None):
     return fbp.LayerNorm.forward(self, params, x)[0], x
 
 

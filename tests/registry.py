@@ -6,7 +6,8 @@ in test_layers.py. The references are written in numpy from the formulas, never
 by calling the layer, so a wrong forward cannot agree with itself.
 
 Planted-bug layers (``WrongTanh``, ``ScaledBackward``) are data too: tests use
-them to show that the checks catch a wrong backward.
+them to show that the checks catch a wrong backward. ``ParallelSum`` is a combinator
+written from the layer protocol alone (not derived from fbp.Layer), as a user would.
 """
 
 from __future__ import annotations
@@ -132,21 +133,9 @@ def public_layer_classes() -> set[type]:
         for obj in exported
         if isinstance(obj, type)
         and obj is not fbp.Layer
+        and not getattr(obj, "_is_protocol", False)  # fbp.LayerProtocol states the methods, it is no layer
         and all(callable(getattr(obj, method, None)) for method in ("init", "apply", "forward", "backward"))
     }
-
-
-def call_forward(layer, params, x, key):
-    """``layer.forward``, with ``key=`` only for layers that take one."""
-    if getattr(layer, "takes_key", False):
-        return layer.forward(params, x, key=key)
-    return layer.forward(params, x)
-
-
-def call_apply(layer, params, x, key):
-    if getattr(layer, "takes_key", False):
-        return layer.apply(params, x, key=key)
-    return layer.apply(params, x)
 
 
 def make_params(layer, x: jax.Array, rng: np.random.Generator, dtype):
@@ -359,13 +348,56 @@ class ScaledBackward(fbp.Layer):
     def init(self, key, x):
         return self.inner.init(key, x)
 
-    def forward(self, params, x):
-        return self.inner.forward(params, x)
+    def forward(self, params, x, *, key=None):
+        return self.inner.forward(params, x, key=key)
 
     def backward(self, params, cache, dy):
         dparams, dx = self.inner.backward(params, cache, dy)
         scale = lambda a: None if a is None else self.factor * a
         return jax.tree_util.tree_map(scale, dparams), scale(dx)
+
+
+# --- a user-written combinator ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParallelSum:
+    """y = left(x) + right(x): a combinator written as a user would, from the protocol alone.
+
+    Not derived from fbp.Layer or Sequential: it implements the four methods,
+    takes ``key=`` (split in two, one per branch, with fbp's ``split_key``) and
+    says what it is made of with ``children``, so the checker can search it.
+    No per-example hooks: the per-example paths use the protocol's fallbacks.
+    """
+
+    left: Any
+    right: Any
+
+    def init(self, key, x):
+        key_left, key_right = jax.random.split(key)
+        return {"left": self.left.init(key_left, x), "right": self.right.init(key_right, x)}
+
+    def children(self, params, x, *, key=None):
+        key_left, key_right = fbp.split_key(key, 2)
+        return [
+            fbp.Child(".left", self.left, params["left"], x, key_left),
+            fbp.Child(".right", self.right, params["right"], x, key_right),
+        ]
+
+    def apply(self, params, x, *, key=None):
+        return sum(child.layer.apply(child.params, child.x, key=child.key) for child in self.children(params, x, key=key))
+
+    def forward(self, params, x, *, key=None):
+        (y_left, cache_left), (y_right, cache_right) = (
+            child.layer.forward(child.params, child.x, key=child.key) for child in self.children(params, x, key=key)
+        )
+        return y_left + y_right, (cache_left, cache_right)
+
+    def backward(self, params, cache, dy):
+        # x feeds both branches: their dx add
+        dleft, dx_left = self.left.backward(params["left"], cache[0], dy)
+        dright, dx_right = self.right.backward(params["right"], cache[1], dy)
+        return {"left": dleft, "right": dright}, dx_left + dx_right
 
 
 def float_dtype_tolerance(dtype) -> dict[str, float]:
@@ -377,3 +409,18 @@ def float_dtype_tolerance(dtype) -> dict[str, float]:
     differ between numpy and XLA by a few ulps amplified by cancellation in LayerNorm.
     """
     return {"rtol": 1e-5, "atol": 1e-5} if jnp.dtype(dtype) == jnp.float32 else {"rtol": 1e-11, "atol": 1e-11}
+
+
+# --- the sequence layers: cases, references and planted bugs live beside their families -------------------
+# (imported last: those modules import LayerCase from here while they load)
+import registry_attention
+import registry_sequences
+
+for _extra in (registry_sequences, registry_attention):
+    for _cls, _cases in _extra.CASES.items():
+        CASES[_cls] = CASES.get(_cls, ()) + _cases
+_REFERENCES[fbp.Conv2D] = lambda layer, p, x, key: registry_sequences.reference_forward(layer, p, x)  # int padding
+for _cls in registry_sequences.CASES:
+    _REFERENCES.setdefault(_cls, lambda layer, p, x, key: registry_sequences.reference_forward(layer, p, x))
+_REFERENCES.update(registry_attention.REFERENCES)
+ALL_CASES = [case for cases in CASES.values() for case in cases]

@@ -16,10 +16,9 @@ from registry import (
     ALL_CASES,
     CASES,
     LEADS,
+    ParallelSum,
     WrongTanh,
     array,
-    call_apply,
-    call_forward,
     float_dtype_tolerance,
     make_params,
     public_layer_classes,
@@ -27,6 +26,8 @@ from registry import (
 )
 
 import fbp
+from fbp.grads import clipped_value_and_grad
+from fbp.layers.base import uses_key
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -45,13 +46,13 @@ def test_every_public_layer_has_a_case():
 
 def _forward_backward_and_vjp(layer, params, x, dy, key):
     """The layer's forward and hand-written backward, and jax.vjp of its apply on the same input."""
-    y, cache = call_forward(layer, params, x, key)
+    y, cache = layer.forward(params, x, key=key)
     dparams, dx = layer.backward(params, cache, dy)
     if jnp.issubdtype(x.dtype, jnp.integer):  # ids are not differentiable: vjp w.r.t. params only
-        y_apply, vjp = jax.vjp(lambda p: call_apply(layer, p, x, key), params)
+        y_apply, vjp = jax.vjp(lambda p: layer.apply(p, x, key=key), params)
         (ref_dparams,), ref_dx = vjp(dy), None
     else:
-        y_apply, vjp = jax.vjp(lambda p, x: call_apply(layer, p, x, key), params, x)
+        y_apply, vjp = jax.vjp(lambda p, x: layer.apply(p, x, key=key), params, x)
         ref_dparams, ref_dx = vjp(dy)
     return y, y_apply, dparams, dx, ref_dparams, ref_dx
 
@@ -63,7 +64,7 @@ def test_layer(case, lead, dtype, wrap):
     layer, layer_key = case.layer, case.layer_key()
     x = case.make_input(rng, lead, dtype)
     params = make_params(layer, x, rng, dtype)
-    y_shape = jax.eval_shape(lambda p, x: call_apply(layer, p, x, layer_key), params, x)
+    y_shape = jax.eval_shape(lambda p, x: layer.apply(p, x, key=layer_key), params, x)
     dy = array(rng.standard_normal(y_shape.shape), dtype)
 
     run = wrap(_forward_backward_and_vjp)
@@ -100,3 +101,90 @@ def test_the_comparison_catches_a_planted_bug():
     *_, dx, _, ref_dx = jax.jit(_forward_backward_and_vjp, static_argnums=0)(WrongTanh(), {}, x, jnp.ones_like(x), None)
     with pytest.raises(AssertionError):
         chex.assert_trees_all_close(dx, ref_dx, **float_dtype_tolerance(jnp.float32))
+
+
+# --- a user-written combinator: the protocol alone must be enough ------------
+
+# float64, O(1) values: paths that sum the same terms in other orders agree to ~1e-15
+FLOAT64 = {"rtol": 1e-12, "atol": 1e-12}
+
+
+def _with_user_combinator(right=None):
+    """``(model, params, x, y)``: Dense, then ParallelSum(Dense + Dropout, right), then Dense; float64."""
+    right = fbp.Tanh() if right is None else right
+    model = fbp.Sequential(
+        [fbp.Dense(4), ParallelSum(fbp.Sequential([fbp.Dense(4), fbp.Dropout(0.5)]), right), fbp.Dense(3)]
+    )
+    rng = np.random.default_rng(0)
+    x = array(rng.standard_normal((5, 3)), np.float64)
+    y = array(rng.integers(0, 3, (5,)), np.int32)
+    return model, make_params(model, x, rng, np.float64), x, y
+
+
+def test_user_combinator_children_apply_and_backward(x64):
+    model, params, x, _ = _with_user_combinator()
+    key = jax.random.PRNGKey(3)
+    parallel = model.layers[1]
+    assert isinstance(parallel, fbp.LayerProtocol) and not isinstance(parallel, fbp.Layer)
+
+    # children: each sub-layer with its params, the input it sees and its share of the key
+    outer = model.children(params, x, key=key)
+    assert [c.path for c in outer] == ["[0]", "[1]", "[2]"]
+    np.testing.assert_array_equal(outer[1].x, model.layers[0].apply(params[0], x))
+    inner = parallel.children(outer[1].params, outer[1].x, key=outer[1].key)
+    assert [c.path for c in inner] == [".left", ".right"] and inner[0].layer is parallel.left
+    assert all(c.x is outer[1].x for c in inner)
+    assert [c.key is None for c in parallel.children(outer[1].params, outer[1].x)] == [True, True]
+
+    # forward == apply, and the hand-written backward against jax.vjp, with dropout on
+    dy = array(np.random.default_rng(1).standard_normal((5, 3)), np.float64)
+    y, y_apply, dparams, dx, ref_dparams, ref_dx = jax.jit(_forward_backward_and_vjp, static_argnums=0)(
+        model, params, x, dy, key
+    )
+    assert not np.allclose(y, model.apply(params, x))  # the key reached the Dropout inside the branch
+    chex.assert_trees_all_close(y_apply, y, **FLOAT64)
+    chex.assert_trees_all_close(dparams, ref_dparams, **FLOAT64)
+    chex.assert_trees_all_close(dx, ref_dx, **FLOAT64)
+    # randomness is read from the trace: the dropout branch reads the key, a Tanh-only model does not
+    assert uses_key(model, params, x)
+    deterministic = ParallelSum(fbp.Dense(3), fbp.Tanh())
+    assert not uses_key(deterministic, jax.eval_shape(deterministic.init, key, x), x)
+
+
+def test_user_combinator_gradients_every_path(x64):
+    """Every grad mode and per-example path accepts it; the fast paths use the protocol's fallbacks."""
+    model, params, x, y = _with_user_combinator()
+    loss = fbp.SoftmaxCrossEntropy()
+    key = jax.random.PRNGKey(5)
+
+    def paths(params, x, y, key):
+        out = {grad: fbp.value_and_grad(model, loss, grad=grad)(params, x, y, key) for grad in fbp.grads.GRAD_MODES}
+        for per_example in (True, "vmap"):
+            out[f"averaged {per_example}"] = fbp.value_and_grad(model, loss, per_example=per_example)(params, x, y)
+            out[f"clipped {per_example}"] = clipped_value_and_grad(model, loss, 0.1, per_example=per_example)(
+                params, x, y
+            )
+        out["averaged key"] = fbp.value_and_grad(model, loss, per_example=True)(params, x, y, key)
+        out["stacked key"] = fbp.per_example_value_and_grad(model, loss)(params, x, y, key)
+        return out
+
+    out = jax.jit(paths)(params, x, y, key)
+    for grad in ("autodiff", "custom_vjp"):
+        chex.assert_trees_all_close(out[grad], out["manual"], **FLOAT64)
+    chex.assert_trees_all_close(out["averaged True"], out["averaged vmap"], **FLOAT64)
+    chex.assert_trees_all_close(out["clipped True"], out["clipped vmap"], **FLOAT64)
+    values, stacked = out["stacked key"]  # with a key, example i draws fold_in(key, i) on both paths
+    chex.assert_trees_all_close(
+        out["averaged key"], (values.mean(), jax.tree_util.tree_map(lambda g: g.mean(axis=0), stacked)), **FLOAT64
+    )
+
+
+def test_checker_searches_a_user_combinator(x64):
+    """check_gradients passes it, and finds a wrong backward inside it by the child's path."""
+    model, params, x, y = _with_user_combinator()
+    loss = fbp.SoftmaxCrossEntropy()
+    assert fbp.check_gradients(model, loss, params, x, y).ok
+    bad_model, params, x, y = _with_user_combinator(right=WrongTanh())
+    report = fbp.check_gradients(bad_model, loss, params, x, y)
+    assert not report.ok
+    assert report.first_bad_path == "[1].right"

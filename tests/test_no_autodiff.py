@@ -2,7 +2,7 @@
 
 The references (jax.vjp, jax.grad) are computed first; then every autodiff entry
 point of the jax module is patched to raise, and every registry layer's forward
-and backward, every loss's backward, and value_and_grad(mode="manual") must run
+and backward, every loss's backward, and value_and_grad(grad="manual") must run
 and agree with them.
 """
 
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from registry import ALL_CASES, ALL_LOSS_CASES, array, call_apply, call_forward, float_dtype_tolerance, make_params
+from registry import ALL_CASES, ALL_LOSS_CASES, array, float_dtype_tolerance, make_params
 
 import fbp
 from fbp.zoo import ZOO
@@ -55,13 +55,13 @@ def test_layer_backward_without_autodiff(case, no_autodiff):
     layer, key = case.layer, case.layer_key()
     x = case.make_input(rng, LEAD, jnp.float32)
     params = make_params(layer, x, rng, jnp.float32)
-    y = call_apply(layer, params, x, key)
+    y = layer.apply(params, x, key=key)
     dy = array(rng.standard_normal(y.shape), jnp.float32)
-    _, vjp = jax.vjp(lambda p: call_apply(layer, p, x, key), params)
+    _, vjp = jax.vjp(lambda p: layer.apply(p, x, key=key), params)
     (ref_dparams,) = vjp(dy)
 
     no_autodiff()
-    y_manual, cache = call_forward(layer, params, x, key)
+    y_manual, cache = layer.forward(params, x, key=key)
     dparams, _ = layer.backward(params, cache, dy)
     chex.assert_trees_all_close(y_manual, y, **TOLERANCE)
     chex.assert_trees_all_close(dparams, ref_dparams, **TOLERANCE)
@@ -81,10 +81,10 @@ def test_loss_backward_without_autodiff(case, no_autodiff):
 @pytest.mark.parametrize("name", ["mlp-log-softmax/cross-entropy", "embedding/cross-entropy"])
 def test_manual_value_and_grad_without_autodiff(name, no_autodiff):
     model, loss, params, x, y = ZOO[name].example()
-    _, ref_grads = jax.jit(fbp.value_and_grad(model, loss, mode="autodiff"))(params, x, y)
+    _, ref_grads = jax.jit(fbp.value_and_grad(model, loss, grad="autodiff"))(params, x, y)
 
     no_autodiff()
-    _, grads = jax.jit(fbp.value_and_grad(model, loss, mode="manual"))(params, x, y)
+    _, grads = jax.jit(fbp.value_and_grad(model, loss, grad="manual"))(params, x, y)
     chex.assert_trees_all_close(grads, ref_grads, **TOLERANCE)
 
 

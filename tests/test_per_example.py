@@ -21,7 +21,7 @@ import pytest
 
 import fbp
 from fbp.grads import clip_and_average, clipped_value_and_grad
-from fbp.layers.base import call_forward, per_example_outer_sq_norms
+from fbp.layers.base import per_example_outer_sq_norms
 
 BATCH = 5
 TOLERANCE = {"float32": {"rtol": 2e-5, "atol": 2e-6}, "float64": {"rtol": 1e-10, "atol": 1e-12}}
@@ -116,7 +116,7 @@ def _all_paths(model, loss):
     """One jitted function for every path of a model, so each case compiles once."""
 
     def paths(params, x, y):
-        pred, cache = call_forward(model, params, x, None)
+        pred, cache = model.forward(params, x, key=None)
         dpred = jax.vmap(lambda p, t: loss.backward(loss.forward(p, t)[1]))(pred, y)
         out = {
             "averaged": fbp.value_and_grad(model, loss, per_example=True)(params, x, y),
@@ -145,13 +145,13 @@ def test_fast_paths_equal_vmap(name, dtype):
 
 
 @pytest.mark.parametrize("name", ["conv-two-images", "embedding-sequence"])
-@pytest.mark.parametrize("mode", ["custom_vjp", "autodiff"])
-def test_averaged_equals_vmap_other_modes(name, mode, x64):
+@pytest.mark.parametrize("grad", ["custom_vjp", "autodiff"])
+def test_averaged_equals_vmap_other_grad_modes(name, grad, x64):
     model, loss, params, x, y = _example(name, jnp.float64)
 
     def both(params, x, y):
-        fast = fbp.value_and_grad(model, loss, mode=mode, per_example=True)(params, x, y)
-        return fast, fbp.value_and_grad(model, loss, mode=mode, per_example="vmap")(params, x, y)
+        fast = fbp.value_and_grad(model, loss, grad=grad, per_example=True)(params, x, y)
+        return fast, fbp.value_and_grad(model, loss, grad=grad, per_example="vmap")(params, x, y)
 
     fast, reference = jax.jit(both)(params, x, y)
     _assert_close(fast, reference, jnp.float64)
@@ -165,10 +165,9 @@ def test_ghost_clipping_bounds_each_example(x64):
     assert float(optax.tree.norm(grads)) <= 0.01 * (1 + 1e-12)
 
 
-def test_per_example_grads_still_stacked(x64):
+def test_per_example_grads_are_stacked(x64):
     model, loss, params, x, y = _example("dense-sequence", jnp.float64)
-    values, grads = jax.jit(fbp.per_example_grads(model, loss))(params, x, y)
-    assert values.shape == (BATCH,)
+    grads = jax.jit(fbp.per_example_grads(model, loss))(params, x, y)
     for g, p in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(params)):
         assert g.shape == (BATCH, *p.shape)
     # example 2 alone, as a batch of one, has the same gradient
@@ -186,7 +185,7 @@ def test_dropout_with_key_keeps_vmap_keys(x64):
     key = jax.random.PRNGKey(3)
 
     def paths(params, x, y, key):
-        _, stacked = fbp.per_example_grads(model, loss)(params, x, y, key)
+        stacked = fbp.per_example_grads(model, loss)(params, x, y, key)
         _, averaged = fbp.value_and_grad(model, loss, per_example=True)(params, x, y, key)
         _, clipped, _ = clipped_value_and_grad(model, loss, 0.1)(params, x, y, key)
         return stacked, averaged, clipped

@@ -15,7 +15,7 @@ point it does not, so ``_has_tie`` looks for one in the forward pass actually
 computed and ``assume`` discards that draw (it is a genuine kink, not a false
 positive). Near-kinks that a finite-difference step straddles are the
 checker's own business: it detects them (one-sided differences disagree) and
-retries with a smaller step, see fbp/check.py.
+retries with a smaller step, see fbp/check/finite_diff.py.
 
 Set ``FBP_PROPERTY_EXAMPLES`` to run more draws than the default (docs/checker.md
 lists the long runs done).
@@ -34,7 +34,6 @@ from hypothesis import strategies as st
 
 import fbp
 from fbp.check import find_first_bad_layer
-from fbp.layers.base import call_forward
 
 EXAMPLES = int(os.environ.get("FBP_PROPERTY_EXAMPLES", "25"))
 DTYPES = ("float64", "float32", "bfloat16")
@@ -164,7 +163,7 @@ def _has_tie(model, params, x) -> bool:
             if isinstance(layer, (fbp.ReLU, fbp.LeakyReLU)):
                 found.append(jnp.any(layer_x == 0))
             if isinstance(layer, fbp.MaxPool2D):  # window 2, stride 2: the four corners of each window
-                y, _ = call_forward(layer, p, layer_x, None)
+                y, _ = layer.forward(p, layer_x, key=None)
                 ho, wo = y.shape[-3:-1]
                 corners = [layer_x[..., i : i + 2 * ho : 2, j : j + 2 * wo : 2, :] for i in (0, 1) for j in (0, 1)]
                 found.append(jnp.any(sum((corner == y).astype(jnp.int32) for corner in corners) > 1))
@@ -174,15 +173,13 @@ def _has_tie(model, params, x) -> bool:
 
 
 def _leaves_with_inputs(layer, params, x):
-    """(layer, params, input) for every non-combinator layer, in forward order."""
-    if isinstance(layer, fbp.Sequential):
-        for child, p in zip(layer.layers, params):
-            yield from _leaves_with_inputs(child, p, x)
-            x = child.apply(p, x)
-    elif isinstance(layer, fbp.Residual):
-        yield from _leaves_with_inputs(layer.block, params, x)
-    else:
+    """(layer, params, input) for every layer that is not a combinator, in forward order (via ``children``)."""
+    children = getattr(layer, "children", None)
+    if children is None:
         yield layer, params, x
+        return
+    for child in children(params, x):
+        yield from _leaves_with_inputs(child.layer, child.params, child.x)
 
 
 @pytest.mark.usefixtures("fast_compile")  # XLA's optimisations: compile time only (long runs: docs/checker.md)

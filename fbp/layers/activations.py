@@ -1,4 +1,4 @@
-"""Elementwise activations and the softmax pair. Any shape; no parameters."""
+"""Elementwise activations and the softmax pair. Any shape; no parameters; key= is accepted and ignored."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ class _Activation(Layer):
 class ReLU(_Activation):
     """y = max(x, 0). Subgradient 0 at x == 0 (as jax.nn.relu). Cache: the mask x > 0."""
 
-    def apply(self, params, x):
+    def apply(self, params, x, *, key=None):
         self._check(x)
         return jnp.where(x > 0, x, jnp.zeros_like(x))
 
-    def forward(self, params, x):
+    def forward(self, params, x, *, key=None):
         mask = x > 0
         return self.apply(params, x), mask  # a bool mask is all dy needs
 
@@ -39,11 +39,11 @@ class LeakyReLU(_Activation):
 
     negative_slope: float = 0.01
 
-    def apply(self, params, x):
+    def apply(self, params, x, *, key=None):
         self._check(x)
         return jnp.where(x > 0, x, self.negative_slope * x)
 
-    def forward(self, params, x):
+    def forward(self, params, x, *, key=None):
         return self.apply(params, x), x > 0
 
     def backward(self, params, mask, dy):
@@ -54,11 +54,11 @@ class LeakyReLU(_Activation):
 class Sigmoid(_Activation):
     """y = 1 / (1 + exp(-x)). Cache: y, since dy/dx = y (1 - y)."""
 
-    def apply(self, params, x):
+    def apply(self, params, x, *, key=None):
         self._check(x)
         return jax.nn.sigmoid(x)
 
-    def forward(self, params, x):
+    def forward(self, params, x, *, key=None):
         y = self.apply(params, x)
         return y, y
 
@@ -70,11 +70,11 @@ class Sigmoid(_Activation):
 class Tanh(_Activation):
     """y = tanh(x). Cache: y, since dy/dx = 1 - y**2."""
 
-    def apply(self, params, x):
+    def apply(self, params, x, *, key=None):
         self._check(x)
         return jnp.tanh(x)
 
-    def forward(self, params, x):
+    def forward(self, params, x, *, key=None):
         y = self.apply(params, x)
         return y, y
 
@@ -94,7 +94,7 @@ class GELU(_Activation):
     Cache: (x, tanh(u)); dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2).
     """
 
-    def forward(self, params, x):
+    def forward(self, params, x, *, key=None):
         self._check(x)
         t = jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3))
         return 0.5 * x * (1 + t), (x, t)
@@ -112,12 +112,12 @@ class Softmax(_Activation):
     Jacobian diag(y) - y y^T gives dx = y * (dy - sum(dy * y)).
     """
 
-    def apply(self, params, x):
+    def apply(self, params, x, *, key=None):
         self._check(x)
         check_array(self, x, min_ndim=1)
         return jax.nn.softmax(x, axis=-1)
 
-    def forward(self, params, x):
+    def forward(self, params, x, *, key=None):
         y = self.apply(params, x)
         return y, y
 
@@ -132,12 +132,12 @@ class LogSoftmax(_Activation):
     dy_i/dx_j = delta_ij - softmax_j, so dx = dy - exp(y) * sum(dy).
     """
 
-    def apply(self, params, x):
+    def apply(self, params, x, *, key=None):
         self._check(x)
         check_array(self, x, min_ndim=1)
         return jax.nn.log_softmax(x, axis=-1)
 
-    def forward(self, params, x):
+    def forward(self, params, x, *, key=None):
         y = self.apply(params, x)
         return y, y
 

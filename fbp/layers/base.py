@@ -1,55 +1,144 @@
-"""The layer protocol and the small helpers every layer shares.
+"""The layer protocol, stated once (``LayerProtocol``), and the helpers fbp's layers share.
 
-A layer is a frozen dataclass of hyper-parameters with four pure methods::
-
-    params = layer.init(key, x)                    # x: array or jax.ShapeDtypeStruct
-    y = layer.apply(params, x)                     # forward only
-    y, cache = layer.forward(params, x)            # cache: what backward needs
-    dparams, dx = layer.backward(params, cache, dy)  # hand-written VJP
-
-Layers that draw random numbers (Dropout) set ``takes_key = True`` and accept
-``key=`` in ``apply``/``forward``; combinators pass a key only to such layers,
-so any object with the four methods composes.
+Read ``LayerProtocol`` to learn how to write a layer; subclass ``Layer`` for its
+defaults. The helpers below are the fallbacks the protocol promises (per-example
+norms and weighted gradients by vmap) and small checks used by every layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
+import jax.extend
 import jax.numpy as jnp
+import numpy as np
 
 Params = Any  # a pytree of arrays: {} for layers without parameters
 Cache = Any  # a pytree of arrays: whatever backward needs
 
+REQUIRED_METHODS = ("init", "apply", "forward", "backward")
 
-class Layer:
-    """Optional base class: a default ``apply`` and a readable name.
 
-    Subclasses are frozen dataclasses that implement ``init``, ``forward`` and
-    ``backward``. ``apply`` defaults to ``forward`` without the cache; layers
-    override it when the forward pass can skip work the cache needs.
+class Child(NamedTuple):
+    """One direct sub-layer of a combinator, as it runs in a forward pass (see ``LayerProtocol.children``).
+
+    Attributes:
+      path: where it sits, appended to the parent's path: ``"[0]"`` (Sequential), ``".block"`` (Residual).
+      layer: the sub-layer.
+      params: its parameters (a part of the parent's).
+      x: the input it sees in the parent's forward pass.
+      key: the PRNG key it gets (None when the parent got none).
     """
 
-    takes_key: bool = False
+    path: str
+    layer: Any
+    params: Params
+    x: Any
+    key: jax.Array | None
 
-    def init(self, key: jax.Array, x) -> Params:
+
+@runtime_checkable
+class LayerProtocol(Protocol):
+    """What every fbp layer is. Anything with these four methods composes with fbp.
+
+    A layer is a frozen (hashable) dataclass of hyper-parameters; all state
+    travels in ``params`` and ``cache`` pytrees that the caller holds. Layers
+    accept any number of leading axes, ``x: (..., features)``, and treat them as
+    independent examples: the per-example paths below rely on it.
+
+    Required::
+
+        params = layer.init(key, x)                      # x: array or jax.ShapeDtypeStruct
+        y = layer.apply(params, x, *, key=None)          # forward only
+        y, cache = layer.forward(params, x, *, key=None) # cache: what backward needs
+        dparams, dx = layer.backward(params, cache, dy)  # the hand-written VJP
+
+    - ``init``: params shaped for ``x: (..., in)``; ``{}`` without parameters.
+      Shapes and dtypes only are read, so ``x`` may be a ShapeDtypeStruct.
+    - ``apply``/``forward``: ``key`` is a PRNG key for layers that draw random
+      numbers (Dropout); every other layer accepts and ignores it, so callers
+      pass keys without asking. No key means inference mode. A combinator
+      splits its key among its sub-layers (``split_key``). Whether a model
+      draws random numbers is read from its trace (``uses_key``), never declared.
+    - ``backward``: ``dy`` is shaped like ``y``; returns ``dparams`` shaped like
+      ``params`` (summed over every leading axis) and ``dx`` shaped like ``x``,
+      or ``dx = None`` for a discrete input (Embedding ids). Never call
+      jax.grad/vjp here: this is the thing the checker checks.
+    - Bad configuration or input raises ValueError/TypeError at trace time,
+      naming the layer (``describe(layer)``), what was expected, what came and
+      how to fix it.
+
+    Optional hooks (per-example gradients at the cost of a batch gradient; ``dy``
+    and the cache cover a batch ``(batch, ...)``, ``dy[i]`` the gradient of
+    example i's own loss). Each has a fallback, so a layer without them still
+    works everywhere, only slower:
+
+    - ``per_example_sq_norms(params, cache, dy) -> (batch,)``: the squared L2
+      norm of each example's parameter gradient g_i, all leaves together, in at
+      least float32. Fallback (``call_per_example_sq_norms``): zeros without
+      parameters, else jax.vmap of ``backward`` over single examples (every
+      cache leaf must then have the batch as its first axis).
+    - ``per_example_weighted_grads(params, cache, dy, weights) -> dparams``:
+      ``sum_i weights[i] g_i`` for ``weights: (batch,)``, shaped like params.
+      Fallback: ``backward`` with each example's dy scaled by its weight
+      (backward is linear in dy and examples do not mix). Dense and Conv2D
+      weigh their input instead (``weighted_grads_from_input``).
+    - ``per_example_backward(params, cache, dy) -> (sq_norms, dx, weighted_grads)``:
+      for combinators, one backward walk giving the two above for the whole
+      layer, with ``weighted_grads(weights) -> dparams``. Fallback
+      (``call_per_example_backward``): ``backward`` for dx, then the two hooks
+      above or their fallbacks (for a combinator without it: on the whole).
+
+    Combinators (layers made of layers) also implement::
+
+        children(params, x, *, key=None) -> list[Child]
+
+    each direct sub-layer in forward order with the params, input and key it
+    gets in this forward pass (``Child(path, layer, params, x, key)``). It is
+    the one method a user-written combinator implements so that the checker's
+    first-wrong-layer search descends into it layer by layer; a layer without
+    ``children`` is a leaf, checked as a whole.
+    """
+
+    def init(self, key: jax.Array, x: Any) -> Params: ...
+
+    def apply(self, params: Params, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array: ...
+
+    def forward(self, params: Params, x: jax.Array, *, key: jax.Array | None = None) -> tuple[jax.Array, Cache]: ...
+
+    def backward(self, params: Params, cache: Cache, dy: jax.Array) -> tuple[Params, jax.Array | None]: ...
+
+
+class Layer:
+    """Optional base class for a layer (the contract is ``LayerProtocol``).
+
+    Gives a parameterless ``init``, an ``apply`` that is ``forward`` without
+    the cache (override it when the forward pass can skip work the cache
+    needs), ``layer(params, x, key=k)`` as ``apply``, and ``name``. Subclasses
+    are frozen dataclasses that implement ``forward`` and ``backward``.
+    """
+
+    def init(self, key: jax.Array, x: Any) -> Params:
         """Parameterless by default."""
         del key, x
         return {}
 
     def apply(self, params: Params, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
-        if self.takes_key:
-            return self.forward(params, x, key=key)[0]
-        return self.forward(params, x)[0]
+        return self.forward(params, x, key=key)[0]
 
-    def __call__(self, params: Params, x: jax.Array, **kwargs) -> jax.Array:
-        return self.apply(params, x, **kwargs)
+    def __call__(self, params: Params, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        return self.apply(params, x, key=key)
 
     @property
     def name(self) -> str:
         return describe(self)
+
+
+def missing_methods(layer: Any) -> list[str]:
+    """The required protocol methods ``layer`` lacks: ``[]`` for a layer."""
+    return [m for m in REQUIRED_METHODS if not callable(getattr(layer, m, None))]
 
 
 def describe(layer: Any) -> str:
@@ -74,23 +163,39 @@ def describe(layer: Any) -> str:
     return f"{type(layer).__name__}({', '.join(parts)})"
 
 
-def call_forward(layer: Any, params: Params, x: jax.Array, key: jax.Array | None):
-    """``layer.forward`` with ``key`` passed only to layers that take one."""
-    if getattr(layer, "takes_key", False):
-        return layer.forward(params, x, key=key)
-    return layer.forward(params, x)
+def split_key(key: jax.Array | None, n: int) -> list[jax.Array | None]:
+    """``n`` independent keys from ``key``, or ``n`` Nones when there is no key (inference mode)."""
+    return [None] * n if key is None else list(jax.random.split(key, n))
 
 
-def call_apply(layer: Any, params: Params, x: jax.Array, key: jax.Array | None):
-    """``layer.apply`` with ``key`` passed only to layers that take one."""
-    if getattr(layer, "takes_key", False):
-        return layer.apply(params, x, key=key)
-    return layer.apply(params, x)
+def uses_key(layer: Any, params: Params, x: Any, key: jax.Array | None = None) -> bool:
+    """Whether the output of ``layer.apply(params, x, key=k)`` depends on ``k``: the layer draws random numbers.
+
+    Read from a trace of ``apply`` on shapes alone (no flag to declare, no
+    computation): the key counts only if something the output needs reads it,
+    so a combinator that splits a key for deterministic layers does not. A
+    user-written layer that ignores its key counts as deterministic. ``key``
+    gives the key's type (default: a raw PRNGKey).
+    """
+    abstract = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+    key = jax.random.PRNGKey(0) if key is None else key
+    jaxpr = jax.make_jaxpr(lambda p, x, k: layer.apply(p, x, key=k))(
+        jax.tree_util.tree_map(abstract, params), abstract(x), jax.ShapeDtypeStruct(key.shape, key.dtype)
+    ).jaxpr
+    is_var = lambda v: isinstance(v, jax.extend.core.Var)
+    needed = {v for v in jaxpr.outvars if is_var(v)}
+    for eqn in reversed(jaxpr.eqns):  # walk back from the output: what it needs, transitively
+        if eqn.effects or any(v in needed for v in eqn.outvars):
+            needed.update(v for v in eqn.invars if is_var(v))
+    return jaxpr.invars[-1] in needed
 
 
-def sum_leading(a: jax.Array, keep: int) -> jax.Array:
-    """Sum over all axes but the last ``keep``: parameter gradients add over examples."""
-    return a.sum(axis=tuple(range(a.ndim - keep))) if a.ndim > keep else a
+# --- checks and small helpers shared by the layers ---------------------------
+
+
+def is_concrete(x) -> bool:
+    """Whether ``x`` holds values (a numpy or jax array outside a trace), so value checks can run."""
+    return not isinstance(x, jax.core.Tracer) and isinstance(x, (np.ndarray, jax.Array))
 
 
 def check_array(layer: Any, x, *, min_ndim: int = 1, what: str = "x") -> None:
@@ -114,6 +219,19 @@ def check_float(layer: Any, x, *, what: str = "x") -> None:
 def param_dtype(x) -> Any:
     """Parameters follow the input's float dtype (float64 input -> float64 params)."""
     return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros(()).dtype
+
+
+def sum_leading(a: jax.Array, keep: int) -> jax.Array:
+    """Sum over all axes but the last ``keep``: parameter gradients add over examples."""
+    return a.sum(axis=tuple(range(a.ndim - keep))) if a.ndim > keep else a
+
+
+# --- per-example gradients: shared pieces and the protocol's fallbacks -------
+
+
+def scale_examples(dy: jax.Array, weights: jax.Array) -> jax.Array:
+    """``dy[i] * weights[i]`` for every example i: ``dy: (batch, ...)``, ``weights: (batch,)``."""
+    return dy * weights.astype(dy.dtype).reshape(-1, *([1] * (dy.ndim - 1)))
 
 
 def per_example_outer_sq_norms(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -144,15 +262,45 @@ def per_example_outer_sq_norms(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.sum(g * g, axis=(1, 2))
 
 
+def per_example_bias_grads(dy: jax.Array) -> jax.Array:
+    """Each example's gradient of a bias added at every position: ``dy: (batch, ..., features) -> (batch, features)``."""
+    return dy.reshape(dy.shape[0], -1, dy.shape[-1]).sum(axis=1)
+
+
+def per_example_bias_sq_norms(dy: jax.Array) -> jax.Array:
+    """``||db_i||^2`` for every example i of ``dy: (batch, ..., features)``: ``(batch,)`` in at least float32."""
+    db = per_example_bias_grads(dy).astype(jnp.promote_types(dy.dtype, jnp.float32))
+    return jnp.sum(db * db, axis=1)
+
+
+def weighted_grads_from_input(layer: Any, params: Params, x: jax.Array, dy: jax.Array, weights: jax.Array) -> Params:
+    """``sum_i weights[i] g_i`` for a layer y = f(x; W) + b whose cache is ``x`` (Dense, Conv2D).
+
+    dW is linear in x, so ``backward`` on the weighted input gives the weighted
+    dW; the bias gradient sums dy, so ``b`` (when ``params`` has one) is redone
+    as ``weights^T db_i``. Weighing x rather than dy leaves dy as the plain
+    backward has it, which XLA compiles as well as the plain backward (a
+    weighted dy feeding the matmul or convolution can cost it a fused producer:
+    on CPU it split Conv2D's pooling backward, four times slower).
+
+    Args:
+      layer: the layer; ``layer.backward(params, x, dy)`` must accept its input as the cache.
+      x: ``(batch, ...)`` the layer's input. dy: ``(batch, ..., features)``. weights: ``(batch,)``.
+    """
+    dparams, _ = layer.backward(params, scale_examples(x, weights), dy)
+    if "b" in dparams:
+        dparams["b"] = weights.astype(dy.dtype) @ per_example_bias_grads(dy)
+    return dparams
+
+
 def call_per_example_sq_norms(layer: Any, params: Params, cache: Cache, dy: jax.Array) -> jax.Array:
-    """Squared L2 norm of each example's parameter gradient (all leaves together): ``(batch,)``.
+    """``layer.per_example_sq_norms`` or its fallback (``LayerProtocol``): ``(batch,)``.
 
     ``dy`` is ``(batch, ...)``, the gradient of the loss of each example on its
-    own; the cache comes from ``layer.forward`` on the batch. Uses the layer's
-    ``per_example_sq_norms(params, cache, dy)`` when it has one (a few
-    reductions, no per-example gradients); a layer without parameters gives
-    zeros; any other layer falls back to jax.vmap of its backward over single
-    examples, which needs every cache leaf to have the batch as its first axis.
+    own; the cache comes from ``layer.forward`` on the batch. A layer without
+    parameters gives zeros; a layer without the hook falls back to jax.vmap of
+    its backward over single examples, which needs every cache leaf to have
+    the batch as its first axis.
     """
     batch = dy.shape[0]
     zeros = jnp.zeros((batch,), jnp.promote_types(dy.dtype, jnp.float32))
@@ -169,26 +317,18 @@ def call_per_example_sq_norms(layer: Any, params: Params, cache: Cache, dy: jax.
     return jax.vmap(one)(cache, dy)
 
 
-def scale_examples(dy: jax.Array, weights: jax.Array) -> jax.Array:
-    """``dy[i] * weights[i]`` for every example i: ``dy: (batch, ...)``, ``weights: (batch,)``."""
-    return dy * weights.astype(dy.dtype).reshape(-1, *([1] * (dy.ndim - 1)))
-
-
 def call_per_example_backward(layer: Any, params: Params, cache: Cache, dy: jax.Array):
-    """One backward walk that also yields what per-example clipping needs.
+    """``layer.per_example_backward`` or its fallback (``LayerProtocol``): one backward walk for clipping.
 
     Returns ``(sq_norms, dx, weighted_grads)``: ``sq_norms: (batch,)`` the
-    squared norm of each example's parameter gradient (``call_per_example_sq_norms``),
-    ``dx`` as from ``layer.backward``, and ``weighted_grads(weights)`` = sum_i
-    weights[i] g_i, shaped like params. Examples do not mix and backward is
-    linear in dy, so scaling example i's dy by weights[i] at every layer scales
-    its gradient: ``weighted_grads`` reuses each layer's dy from this walk
-    (book-keeping, Bu et al. 2022) instead of walking back again. Under jit,
-    XLA keeps only dx of the first call to each backward and only the
-    parameter gradients of the second. A layer may provide
-    ``per_example_weighted_grads(params, cache, dy, weights)`` to weigh
-    something cheaper than dy (Dense and Conv2D weigh their input). Combinators
-    provide their own ``per_example_backward(params, cache, dy)`` that recurses.
+    squared norm of each example's parameter gradient, ``dx`` as from
+    ``layer.backward``, and ``weighted_grads(weights)`` = sum_i weights[i] g_i,
+    shaped like params. Examples do not mix and backward is linear in dy, so
+    scaling example i's dy by weights[i] at every layer scales its gradient:
+    ``weighted_grads`` reuses each layer's dy from this walk (book-keeping, Bu
+    et al. 2022) instead of walking back again. Under jit, XLA keeps only dx of
+    the first call to each backward and only the parameter gradients of the
+    second.
     """
     own = getattr(layer, "per_example_backward", None)
     if own is not None:

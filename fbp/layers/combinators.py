@@ -1,4 +1,8 @@
-"""Layers made of layers: Sequential (the chain rule) and Residual (gradients add)."""
+"""Layers made of layers: Sequential (the chain rule) and Residual (gradients add).
+
+Each says what it is made of through ``children`` (see ``LayerProtocol``), the
+one method the checker's first-wrong-layer search uses to descend into it.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fbp.layers.base import Layer, call_apply, call_forward, call_per_example_backward, describe
-
-
-def _split(key, n):
-    return [None] * n if key is None else list(jax.random.split(key, n))
+from fbp.layers.base import Child, Layer, call_per_example_backward, describe, missing_methods, split_key
 
 
 def _check_protocol(layer, where):
-    missing = [m for m in ("init", "apply", "forward", "backward") if not callable(getattr(layer, m, None))]
+    missing = missing_methods(layer)
     if missing:
         raise TypeError(f"{where}: {type(layer).__name__} is not a layer: it lacks {', '.join(missing)}")
 
@@ -25,8 +25,8 @@ def _check_protocol(layer, where):
 class Sequential(Layer):
     """y = f_n(... f_2(f_1(x))). Params: a list, one entry per layer. Cache: a list of caches.
 
-    Backward walks the layers in reverse, feeding each one's dx to the layer
-    before it as dy: the chain rule.
+    A key is split into one key per layer. Backward walks the layers in
+    reverse, feeding each one's dx to the layer before it as dy: the chain rule.
     """
 
     layers: tuple[Any, ...]
@@ -36,15 +36,11 @@ class Sequential(Layer):
         for i, layer in enumerate(self.layers):
             _check_protocol(layer, f"Sequential layer [{i}]")
 
-    @property
-    def takes_key(self):
-        return any(getattr(layer, "takes_key", False) for layer in self.layers)
-
     def init(self, key, x):
         params = []
-        for layer, k in zip(self.layers, jax.random.split(key, len(self.layers))):
+        for layer, k in zip(self.layers, split_key(key, len(self.layers))):
             p = layer.init(k, x)
-            x = jax.eval_shape(lambda p, x, layer=layer: call_apply(layer, p, x, None), p, x)
+            x = jax.eval_shape(lambda p, x, layer=layer: layer.apply(p, x), p, x)
             params.append(p)
         return params
 
@@ -53,17 +49,29 @@ class Sequential(Layer):
             got = len(params) if isinstance(params, (list, tuple)) else type(params).__name__
             raise ValueError(f"{describe(self)}: expected params as a list of {len(self.layers)}, got {got}")
 
-    def apply(self, params, x, *, key=None):
+    def children(self, params, x, *, key=None) -> list[Child]:
+        """Layer i as ``Child(f"[{i}]", layers[i], params[i], its input, its key)``: the chain, run with apply."""
         self._check_params(params)
-        for layer, p, k in zip(self.layers, params, _split(key, len(self.layers))):
-            x = call_apply(layer, p, x, k)
-        return x
+        children = []
+        for i, (layer, p, k) in enumerate(zip(self.layers, params, split_key(key, len(self.layers)))):
+            if children:
+                before = children[-1]
+                x = before.layer.apply(before.params, before.x, key=before.key)
+            children.append(Child(f"[{i}]", layer, p, x, k))
+        return children
+
+    def apply(self, params, x, *, key=None):
+        children = self.children(params, x, key=key)
+        if not children:
+            return x
+        last = children[-1]
+        return last.layer.apply(last.params, last.x, key=last.key)
 
     def forward(self, params, x, *, key=None):
         self._check_params(params)
         caches = []
-        for layer, p, k in zip(self.layers, params, _split(key, len(self.layers))):
-            x, cache = call_forward(layer, p, x, k)
+        for layer, p, k in zip(self.layers, params, split_key(key, len(self.layers))):
+            x, cache = layer.forward(p, x, key=k)
             caches.append(cache)
         return x, caches
 
@@ -79,7 +87,7 @@ class Sequential(Layer):
         return dparams, dy
 
     def per_example_backward(self, params, caches, dy):
-        """``(sq_norms, dx, weighted_grads)`` (see ``call_per_example_backward``): the layers' norms add.
+        """``(sq_norms, dx, weighted_grads)`` (see ``LayerProtocol``): the layers' norms add.
 
         Walks back like ``backward``; ``weighted_grads(weights)`` gives every
         layer's weighted gradient from the dy that layer saw on this walk.
@@ -100,7 +108,7 @@ class Sequential(Layer):
 
 @dataclass(frozen=True)
 class Residual(Layer):
-    """y = x + block(x). Params: the block's. Cache: the block's.
+    """y = x + block(x). Params: the block's. Cache: the block's. The key goes to the block.
 
     x reaches y along two paths, so dx = dy + dx_block: the gradients add.
     """
@@ -110,13 +118,9 @@ class Residual(Layer):
     def __post_init__(self):
         _check_protocol(self.block, "Residual")
 
-    @property
-    def takes_key(self):
-        return getattr(self.block, "takes_key", False)
-
     def init(self, key, x):
         params = self.block.init(key, x)
-        out = jax.eval_shape(lambda p, x: call_apply(self.block, p, x, None), params, x)
+        out = jax.eval_shape(lambda p, x: self.block.apply(p, x), params, x)
         self._check_shapes(x, out)
         return params
 
@@ -126,13 +130,17 @@ class Residual(Layer):
                 f"{describe(self)}: the block must keep the shape, got x {tuple(x.shape)} -> {tuple(out.shape)}"
             )
 
+    def children(self, params, x, *, key=None) -> list[Child]:
+        """The block, as ``Child(".block", block, params, x, key)``: it sees the residual's own input."""
+        return [Child(".block", self.block, params, x, key)]
+
     def apply(self, params, x, *, key=None):
-        out = call_apply(self.block, params, x, key)
+        out = self.block.apply(params, x, key=key)
         self._check_shapes(x, out)
         return x + out
 
     def forward(self, params, x, *, key=None):
-        out, cache = call_forward(self.block, params, x, key)
+        out, cache = self.block.forward(params, x, key=key)
         self._check_shapes(x, out)
         return x + out, cache
 

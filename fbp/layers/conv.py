@@ -1,12 +1,16 @@
-"""2-D convolution and pooling on NHWC images (kernels HWIO).
+"""Convolution on channels-last signals: Conv1D (NWC) and Conv2D (NHWC), one implementation.
 
-Every layer here accepts ``(H, W, C)`` (one example, as vmap feeds it) or
-``(..., H, W, C)`` with any number of leading axes.
+Both are ``_Conv`` with one or two spatial axes; the private window helpers
+here (``_window_slice``, ``_place``) work on any number of spatial axes and are
+shared with the pools (fbp/layers/pool.py). Every layer accepts one example
+(``(L, C)`` or ``(H, W, C)``, as vmap feeds it) or any number of leading axes.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 from jax import lax
@@ -17,56 +21,272 @@ from fbp.layers.base import (
     check_float,
     describe,
     param_dtype,
+    per_example_bias_sq_norms,
     per_example_outer_sq_norms,
-    scale_examples,
+    weighted_grads_from_input,
 )
-from fbp.layers.dense import _INITIALIZERS
+from fbp.layers.initializers import check_weight_init, init_weight
 
-_DIMS = ("NHWC", "HWIO", "NHWC")
+# (input, kernel, output) layouts of lax.conv_general_dilated, by number of spatial axes
+_LAYOUTS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}
+_DIMS = _LAYOUTS[2]
+# dW as a convolution of x with dy: the batch axis n is the contracted "channel", input channel c the "batch"
+_KERNEL_GRAD_LAYOUTS = {1: ("CWN", "IWO", "WNC"), 2: ("CHWN", "IHWO", "HWNC")}
+_AXIS_NAMES = {1: ("L",), 2: ("H", "W")}
+_SIGNAL = {1: "sequence", 2: "image"}
 
 
-def _pair(v, what: str, owner: str) -> tuple[int, int]:
-    pair = (v, v) if isinstance(v, int) else tuple(v)
-    if len(pair) != 2 or not all(isinstance(n, int) and n >= 1 for n in pair):
-        raise ValueError(f"{owner}: {what} must be a positive int or a pair of them, got {v!r}")
-    return pair
+def _freeze(v):
+    """Lists to tuples, recursively: a layer's fields must be hashable (layers are static under jit)."""
+    return tuple(_freeze(e) for e in v) if isinstance(v, (list, tuple)) else v
 
 
-def _as_images(layer, x):
-    """(..., H, W, C) -> ((N, H, W, C), leading shape)."""
-    check_array(layer, x, min_ndim=3)
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _ints(v, n: int, what: str, owner: str) -> tuple[int, ...]:
+    """An int, or one per spatial axis: ``n`` positive ints."""
+    ints = (v,) * n if isinstance(v, int) else tuple(v) if isinstance(v, (tuple, list)) else ()
+    if len(ints) != n or not all(_is_count(k) and k >= 1 for k in ints):
+        kind = "int" if n == 1 else f"int or a tuple of {n} of them"
+        raise ValueError(f"{owner}: {what} must be a positive {kind}, got {v!r}")
+    return ints
+
+
+def _explicit_pads(padding, n: int, owner: str) -> tuple[tuple[int, int], ...] | None:
+    """None for "SAME"/"VALID"; else ``n`` (low, high) pairs.
+
+    Accepted: an int p (p on both sides of every spatial axis, PyTorch's
+    ``padding=p``); one entry per spatial axis, each an int or a (low, high)
+    pair; for one spatial axis also a bare (low, high) pair.
+    """
+    if isinstance(padding, str):
+        if padding in ("SAME", "VALID"):
+            return None
+        raise ValueError(
+            f"{owner}: padding must be 'SAME' or 'VALID', got {padding!r}; "
+            "or an int, or one int or (low, high) pair per spatial axis"
+        )
+    if _is_count(padding):
+        return ((padding, padding),) * n
+    entries = tuple(padding) if isinstance(padding, (tuple, list)) else ()
+    if n == 1 and len(entries) == 2 and all(_is_count(e) for e in entries):
+        entries = (entries,)  # Conv1D: one (low, high) pair
+    pairs = []
+    for entry in entries:
+        if _is_count(entry):
+            pairs.append((entry, entry))
+        elif isinstance(entry, (tuple, list)) and len(entry) == 2 and all(_is_count(e) for e in entry):
+            pairs.append(tuple(entry))
+    if len(entries) != n or len(pairs) != n:
+        axes = ", ".join(_AXIS_NAMES[n])
+        raise ValueError(
+            f"{owner}: padding must be 'SAME', 'VALID', an int >= 0 or one int or (low, high) pair per "
+            f"spatial axis ({axes}), got {padding!r}"
+        )
+    return tuple(pairs)
+
+
+def _as_batch(layer, x, spatial: int):
+    """(..., *S, C) -> ((N, *S, C), leading shape), after checking rank and dtype."""
+    check_array(layer, x, min_ndim=spatial + 1)
     check_float(layer, x)
-    lead = x.shape[:-3]
-    return x.reshape(-1, *x.shape[-3:]), lead
+    lead = x.shape[: x.ndim - spatial - 1]
+    return x.reshape(-1, *x.shape[x.ndim - spatial - 1 :]), lead
+
+
+def _window_slice(x, offset, stride, out_shape):
+    """``x[:, o + s a, :]`` over output positions a, on each spatial axis of ``x: (N, *S, C)``."""
+    window = tuple(slice(o, o + s * (m - 1) + 1, s) for o, s, m in zip(offset, stride, out_shape))
+    return x[(slice(None), *window, slice(None))]
 
 
 def _place(c, offset, stride, size):
-    """Scatter c[:, a, b] to out[:, offset[0] + stride[0] a, offset[1] + stride[1] b] in an
-    (N, *size, C) array of zeros: the transpose of one strided window slice, as a pad."""
-    (i, j), (sh, sw), (ho, wo) = offset, stride, c.shape[1:3]
-    config = [
-        (0, 0, 0),
-        (i, size[0] - i - sh * (ho - 1) - 1, sh - 1),
-        (j, size[1] - j - sw * (wo - 1) - 1, sw - 1),
-        (0, 0, 0),
-    ]
+    """Scatter ``c[:, a]`` to ``out[:, offset + stride a]`` in an ``(N, *size, C)`` array of zeros.
+
+    The transpose of ``_window_slice``, as one pad (interior padding spaces the strided elements).
+    """
+    config = [(0, 0, 0)]
+    for o, s, m, n in zip(offset, stride, c.shape[1:-1], size):
+        config.append((o, n - o - s * (m - 1) - 1, s - 1))
+    config.append((0, 0, 0))
     return lax.pad(c, jnp.zeros((), c.dtype), config)
 
 
-def _window_slice(x, offset, stride, out_hw):
-    (i, j), (sh, sw), (ho, wo) = offset, stride, out_hw
-    return x[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
+@dataclass(frozen=True)
+class _Conv(Layer):
+    """y = conv(x, W) + b with ``_spatial`` spatial axes, channels last. See Conv1D and Conv2D.
+
+    Backward (the two transposes of the convolution, themselves convolutions):
+    dx = conv(dy dilated by the stride, W flipped in space with in/out swapped);
+    dW[k] = sum over n and output positions a of x_pad[n, k + s a] dy[n, a] (a
+    convolution of x with dy, the batch axis playing the channel).
+    """
+
+    features: int
+    kernel_size: Any = 3
+    stride: Any = 1
+    padding: Any = "SAME"
+    use_bias: bool = True
+    weight_init: str = "he"
+
+    _spatial: ClassVar[int]
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if not isinstance(self.features, int) or isinstance(self.features, bool) or self.features < 1:
+            raise ValueError(f"{name}: features must be a positive int, got {self.features!r}")
+        for field in ("kernel_size", "stride", "padding"):
+            object.__setattr__(self, field, _freeze(getattr(self, field)))
+        owner = f"{name}({self.features})"
+        _ints(self.kernel_size, self._spatial, "kernel_size", owner)
+        _ints(self.stride, self._spatial, "stride", owner)
+        _explicit_pads(self.padding, self._spatial, owner)
+        check_weight_init(owner, self.weight_init)
+
+    @property
+    def _kernel(self) -> tuple[int, ...]:
+        return _ints(self.kernel_size, self._spatial, "kernel_size", type(self).__name__)
+
+    @property
+    def _stride(self) -> tuple[int, ...]:
+        return _ints(self.stride, self._spatial, "stride", type(self).__name__)
+
+    def _pads(self, spatial_shape) -> list[tuple[int, int]]:
+        explicit = _explicit_pads(self.padding, self._spatial, describe(self))
+        if explicit is not None:
+            return list(explicit)
+        return lax.padtype_to_pads(spatial_shape, self._kernel, self._stride, self.padding)
+
+    def init(self, key, x):
+        check_array(self, x, min_ndim=self._spatial + 1)
+        dtype = param_dtype(x)
+        params = {"W": init_weight(self.weight_init, key, (*self._kernel, x.shape[-1], self.features), dtype)}
+        if self.use_bias:
+            params["b"] = jnp.zeros((self.features,), dtype)
+        return params
+
+    def _as_batch(self, params, x):
+        xs, lead = _as_batch(self, x, self._spatial)
+        n, in_channels = self._spatial, params["W"].shape[-2]
+        if xs.shape[-1] != in_channels:
+            axes = ", ".join(_AXIS_NAMES[n])
+            raise ValueError(
+                f"{describe(self)}: expected x[..., {axes}, {in_channels}] ({_LAYOUTS[n][0]}), "
+                f"got shape {tuple(x.shape)}"
+            )
+        pads = self._pads(xs.shape[1:-1])
+        if any(xs.shape[1 + a] + sum(pads[a]) < self._kernel[a] for a in range(n)):
+            raise ValueError(
+                f"{describe(self)}: {_SIGNAL[n]} {tuple(xs.shape[1:-1])} is smaller than the kernel {self._kernel}"
+                " (with its padding); pad more or use a smaller kernel_size"
+            )
+        return xs, lead, pads
+
+    def apply(self, params, x, *, key=None):
+        """``x: (..., *spatial, C)`` -> ``y: (..., *spatial_out, features)``; ``key`` is ignored."""
+        del key
+        xs, lead, pads = self._as_batch(params, x)
+        y = lax.conv_general_dilated(xs, params["W"], self._stride, pads, dimension_numbers=_LAYOUTS[self._spatial])
+        if self.use_bias:
+            y = y + lax.broadcast_to_rank(params["b"], y.ndim)
+        return y.reshape(*lead, *y.shape[1:])
+
+    def forward(self, params, x, *, key=None):
+        return self.apply(params, x), x  # cache: x, for dW
+
+    def backward(self, params, x, dy):
+        n = self._spatial
+        xs, _, pads = self._as_batch(params, x)
+        dys = dy.reshape(-1, *dy.shape[dy.ndim - n - 1 :])
+        kernel, stride = self._kernel, self._stride
+        # positions of the padded input that no window reaches (stride leftovers)
+        rest = [(size + lo + hi - k) % s for size, (lo, hi), k, s in zip(xs.shape[1:-1], pads, kernel, stride)]
+        W_flipped = jnp.swapaxes(jnp.flip(params["W"], axis=tuple(range(n))), n, n + 1)
+        dx = lax.conv_general_dilated(
+            dys,
+            W_flipped,
+            (1,) * n,
+            [(k - 1 - lo, k - 1 - hi + r) for k, (lo, hi), r in zip(kernel, pads, rest)],
+            lhs_dilation=stride,
+            dimension_numbers=_LAYOUTS[n],
+        )
+        dW = lax.conv_general_dilated(
+            xs,
+            dys,
+            (1,) * n,
+            [(lo, hi - r) for (lo, hi), r in zip(pads, rest)],
+            rhs_dilation=stride,
+            dimension_numbers=_KERNEL_GRAD_LAYOUTS[n],
+        )
+        dparams = {"W": dW}
+        if self.use_bias:
+            dparams["b"] = dys.sum(axis=tuple(range(n + 1)))
+        return dparams, dx.reshape(x.shape)
+
+    def per_example_sq_norms(self, params, x, dy):
+        """``||dW_i||^2 + ||db_i||^2`` for every example i of ``x: (batch, ..., *spatial, C)``.
+
+        dW_i[k] = sum_p x_i[p + k]^T dy_i[p] over output positions p: for each
+        kernel offset k a Dense-like sum of outer products of the shifted input
+        window and dy, and ||dW_i||^2 adds over the offsets. One strided slice
+        per offset; no patches (prod(kernel) times the input) and no per-example
+        kernels are formed unless that is the cheaper form.
+        """
+        batch, n = dy.shape[0], self._spatial
+        xs, _, pads = self._as_batch(params, x)
+        x_padded = jnp.pad(xs, ((0, 0), *pads, (0, 0)))
+        out_shape = dy.shape[dy.ndim - n - 1 : -1]
+        dy3 = dy.reshape(batch, -1, dy.shape[-1])
+        sq = sum(
+            per_example_outer_sq_norms(
+                _window_slice(x_padded, offset, self._stride, out_shape).reshape(batch, -1, xs.shape[-1]), dy3
+            )
+            for offset in itertools.product(*(range(k) for k in self._kernel))
+        )
+        return sq + per_example_bias_sq_norms(dy) if self.use_bias else sq
+
+    def per_example_weighted_grads(self, params, x, dy, weights):
+        """sum_i weights[i] g_i for ``x: (batch, ..., *spatial, C)``: dW from weights x and dy, db = weights^T db_i."""
+        return weighted_grads_from_input(self, params, x, dy, weights)
 
 
 @dataclass(frozen=True)
-class Conv2D(Layer):
+class Conv1D(_Conv):
+    """y = conv(x, W) + b along one axis: cross-correlation, NWC input, WIO kernel.
+
+    Args:
+      features: output channels.
+      kernel_size: int.
+      stride: int.
+      padding: "SAME" (output ceil(L / stride), the odd pad after), "VALID"
+        (no padding), an int p (p zeros at each end, PyTorch's ``padding=p``),
+        or a (low, high) pair.
+      use_bias: add ``b``.
+      weight_init: ``"he"`` (default), ``"glorot"`` or ``"lecun"``.
+
+    Shapes: ``x: (..., L, C)``, ``W: (k, C, features)``, ``b: (features,)``,
+    ``y: (..., Lo, features)`` with Lo = (L + low + high - k) // stride + 1.
+    Cache: x. Backward as Conv2D's (one implementation, ``_Conv``).
+    """
+
+    _spatial: ClassVar[int] = 1
+
+
+@dataclass(frozen=True)
+class Conv2D(_Conv):
     """y = conv(x, W) + b: cross-correlation, NHWC input, HWIO kernel.
 
     Args:
       features: output channels.
       kernel_size: int or (kh, kw).
       stride: int or (sh, sw).
-      padding: "SAME" or "VALID".
+      padding: "SAME", "VALID", an int p (p on every side, PyTorch's
+        ``padding=p``), or per spatial axis an int or a (low, high) pair, e.g.
+        ``(1, (0, 2))``.
+      use_bias: add ``b``.
+      weight_init: ``"he"`` (default), ``"glorot"`` or ``"lecun"``.
 
     Shapes: ``x: (..., H, W, C)``, ``W: (kh, kw, C, features)``, ``b: (features,)``,
     ``y: (..., Ho, Wo, features)``. Cache: x.
@@ -77,226 +297,4 @@ class Conv2D(Layer):
     convolution of x with dy, the batch axis playing the channel).
     """
 
-    features: int
-    kernel_size: int | tuple[int, int] = 3
-    stride: int | tuple[int, int] = 1
-    padding: str = "SAME"
-    use_bias: bool = True
-    weight_init: str = "he"
-
-    def __post_init__(self):
-        owner = f"Conv2D({self.features})"
-        if not isinstance(self.features, int) or self.features < 1:
-            raise ValueError(f"Conv2D: features must be a positive int, got {self.features!r}")
-        _pair(self.kernel_size, "kernel_size", owner)
-        _pair(self.stride, "stride", owner)
-        if self.padding not in ("SAME", "VALID"):
-            raise ValueError(f"{owner}: padding must be 'SAME' or 'VALID', got {self.padding!r}")
-        if self.weight_init not in _INITIALIZERS:
-            raise ValueError(f"{owner}: weight_init must be one of {sorted(_INITIALIZERS)}")
-
-    @property
-    def _kernel(self):
-        return _pair(self.kernel_size, "kernel_size", "Conv2D")
-
-    @property
-    def _stride(self):
-        return _pair(self.stride, "stride", "Conv2D")
-
-    def init(self, key, x):
-        check_array(self, x, min_ndim=3)
-        dtype = param_dtype(x)
-        shape = (*self._kernel, x.shape[-1], self.features)
-        params = {"W": _INITIALIZERS[self.weight_init]()(key, shape, dtype)}
-        if self.use_bias:
-            params["b"] = jnp.zeros((self.features,), dtype)
-        return params
-
-    def _pads(self, hw):
-        return lax.padtype_to_pads(hw, self._kernel, self._stride, self.padding)
-
-    def apply(self, params, x):
-        x4, lead = _as_images(self, x)
-        W = params["W"]
-        if x4.shape[-1] != W.shape[2]:
-            raise ValueError(
-                f"{describe(self)}: expected x[..., H, W, {W.shape[2]}] (NHWC), got shape {tuple(x.shape)}"
-            )
-        pads = self._pads(x4.shape[1:3])
-        if any(x4.shape[1 + a] + sum(pads[a]) < self._kernel[a] for a in range(2)):
-            raise ValueError(
-                f"{describe(self)}: image {x4.shape[1:3]} is smaller than the kernel {self._kernel}"
-            )
-        y = lax.conv_general_dilated(x4, W, self._stride, pads, dimension_numbers=_DIMS)
-        if self.use_bias:
-            y = y + lax.broadcast_to_rank(params["b"], y.ndim)
-        return y.reshape(*lead, *y.shape[1:])
-
-    def forward(self, params, x):
-        return self.apply(params, x), x  # cache: x, for dW
-
-    def backward(self, params, x, dy):
-        x4, _ = _as_images(self, x)
-        dy4 = dy.reshape(-1, *dy.shape[-3:])
-        (kh, kw), (sh, sw) = self._kernel, self._stride
-        h, w = x4.shape[1:3]
-        (lo_h, hi_h), (lo_w, hi_w) = self._pads((h, w))
-        # rows of the padded input that no window reaches (stride leftovers)
-        rest_h = (h + lo_h + hi_h - kh) % sh
-        rest_w = (w + lo_w + hi_w - kw) % sw
-        W_flipped = jnp.swapaxes(params["W"][::-1, ::-1], 2, 3)
-        dx = lax.conv_general_dilated(
-            dy4,
-            W_flipped,
-            (1, 1),
-            [(kh - 1 - lo_h, kh - 1 - hi_h + rest_h), (kw - 1 - lo_w, kw - 1 - hi_w + rest_w)],
-            lhs_dilation=(sh, sw),
-            dimension_numbers=_DIMS,
-        )
-        # batch axis n is the contracted "channel"; input channel c is the "batch"
-        dW = lax.conv_general_dilated(
-            x4,
-            dy4,
-            (1, 1),
-            [(lo_h, hi_h - rest_h), (lo_w, hi_w - rest_w)],
-            rhs_dilation=(sh, sw),
-            dimension_numbers=("CHWN", "IHWO", "HWNC"),
-        )
-        dparams = {"W": dW}
-        if self.use_bias:
-            dparams["b"] = dy4.sum(axis=(0, 1, 2))
-        return dparams, dx.reshape(x.shape)
-
-    def per_example_sq_norms(self, params, x, dy):
-        """``||dW_i||^2 + ||db_i||^2`` for every example i of ``x: (batch, ..., H, W, C)``.
-
-        dW_i[a, b] = sum_p x_i[p + (a, b)]^T dy_i[p] over output pixels p: for
-        each kernel offset (a, b) a Dense-like sum of outer products of the
-        shifted input window and dy, and ||dW_i||^2 adds over the offsets. One
-        strided slice per offset; no image patches (kh kw times the input) and
-        no per-example kernels are formed unless that is the cheaper form.
-        """
-        batch = dy.shape[0]
-        x4, _ = _as_images(self, x)
-        x_padded = jnp.pad(x4, ((0, 0), *self._pads(x4.shape[1:3]), (0, 0)))
-        dy3 = dy.reshape(batch, -1, dy.shape[-1])
-        sq = sum(
-            per_example_outer_sq_norms(
-                _window_slice(x_padded, (i, j), self._stride, dy.shape[-3:-1]).reshape(batch, -1, x4.shape[-1]), dy3
-            )
-            for i in range(self._kernel[0])
-            for j in range(self._kernel[1])
-        )
-        if self.use_bias:
-            db = dy3.sum(axis=1).astype(sq.dtype)
-            sq = sq + jnp.sum(db * db, axis=1)
-        return sq
-
-    def per_example_weighted_grads(self, params, x, dy, weights):
-        """sum_i weights[i] g_i for ``x: (batch, ..., H, W, C)``: dW from weights x and dy, db = weights^T dy.
-
-        As Dense: weighing x keeps dy as the plain backward has it (a weighted
-        dy feeding the dW convolution made XLA on CPU split the pooling
-        backward that produces dy, four times slower).
-        """
-        dparams, _ = self.backward(params, scale_examples(x, weights), dy)
-        if self.use_bias:
-            dparams["b"] = weights.astype(dy.dtype) @ dy.reshape(dy.shape[0], -1, dy.shape[-1]).sum(axis=1)
-        return dparams
-
-
-class _Pool(Layer):
-    window: int | tuple[int, int]
-    stride: int | tuple[int, int] | None
-
-    def __post_init__(self):
-        _pair(self.window, "window", type(self).__name__)
-        if self.stride is not None:
-            _pair(self.stride, "stride", type(self).__name__)
-
-    @property
-    def _window(self):
-        return _pair(self.window, "window", type(self).__name__)
-
-    @property
-    def _stride(self):
-        return self._window if self.stride is None else _pair(self.stride, "stride", "")
-
-    def _out_hw(self, hw):
-        (kh, kw), (sh, sw) = self._window, self._stride
-        if hw[0] < kh or hw[1] < kw:
-            raise ValueError(f"{describe(self)}: image {tuple(hw)} is smaller than the window {(kh, kw)}")
-        return (hw[0] - kh) // sh + 1, (hw[1] - kw) // sw + 1
-
-    def _reduce(self, x4, init, op):
-        self._out_hw(x4.shape[1:3])
-        return lax.reduce_window(
-            x4, init, op, (1, *self._window, 1), (1, *self._stride, 1), "VALID"
-        )
-
-
-@dataclass(frozen=True)
-class MaxPool2D(_Pool):
-    """y = max over each window (VALID padding; stride defaults to the window).
-
-    Shapes: ``x: (..., H, W, C)``, ``y: (..., Ho, Wo, C)``. Cache: (x, y).
-    The gradient goes to the first maximum of each window in row-major order,
-    the subgradient XLA's own max-pool gradient picks on ties.
-    """
-
-    window: int | tuple[int, int] = 2
-    stride: int | tuple[int, int] | None = None
-
-    def apply(self, params, x):
-        x4, lead = _as_images(self, x)
-        y = self._reduce(x4, -jnp.inf, lax.max)
-        return y.reshape(*lead, *y.shape[1:])
-
-    def forward(self, params, x):
-        y = self.apply(params, x)
-        return y, (x, y)
-
-    def backward(self, params, cache, dy):
-        x, y = cache
-        x4, _ = _as_images(self, x)
-        y4, dy4 = y.reshape(-1, *y.shape[-3:]), dy.reshape(-1, *dy.shape[-3:])
-        out_hw, size = y4.shape[1:3], x4.shape[1:3]
-        taken = jnp.zeros(y4.shape, bool)
-        dx = jnp.zeros_like(x4)
-        for i in range(self._window[0]):
-            for j in range(self._window[1]):
-                hit = (_window_slice(x4, (i, j), self._stride, out_hw) == y4) & ~taken
-                taken = taken | hit
-                dx = dx + _place(jnp.where(hit, dy4, 0), (i, j), self._stride, size)
-        return {}, dx.reshape(x.shape)
-
-
-@dataclass(frozen=True)
-class AvgPool2D(_Pool):
-    """y = mean over each window (VALID padding; stride defaults to the window).
-
-    Shapes: ``x: (..., H, W, C)``, ``y: (..., Ho, Wo, C)``. Each input in a window
-    gets dy / (kh kw). Cache: backward needs only the input's height and width,
-    so the cache is a zero-size array of shape (0, H, W) that records them.
-    """
-
-    window: int | tuple[int, int] = 2
-    stride: int | tuple[int, int] | None = None
-
-    def apply(self, params, x):
-        x4, lead = _as_images(self, x)
-        y = self._reduce(x4, 0.0, lax.add) / (self._window[0] * self._window[1])
-        return y.reshape(*lead, *y.shape[1:])
-
-    def forward(self, params, x):
-        return self.apply(params, x), jnp.zeros((0, *x.shape[-3:-1]), x.dtype)
-
-    def backward(self, params, shape_record, dy):
-        dy4 = dy.reshape(-1, *dy.shape[-3:]) / (self._window[0] * self._window[1])
-        size = shape_record.shape[1:]
-        dx = sum(
-            _place(dy4, (i, j), self._stride, size)
-            for i in range(self._window[0])
-            for j in range(self._window[1])
-        )
-        return {}, dx.reshape(*dy.shape[:-3], *size, dy.shape[-1])
+    _spatial: ClassVar[int] = 2

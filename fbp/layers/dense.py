@@ -13,15 +13,11 @@ from fbp.layers.base import (
     check_float,
     describe,
     param_dtype,
+    per_example_bias_sq_norms,
     per_example_outer_sq_norms,
-    scale_examples,
+    weighted_grads_from_input,
 )
-
-_INITIALIZERS = {
-    "he": jax.nn.initializers.he_normal,
-    "glorot": jax.nn.initializers.glorot_uniform,
-    "lecun": jax.nn.initializers.lecun_normal,
-}
+from fbp.layers.initializers import check_weight_init, init_weight
 
 
 @dataclass(frozen=True)
@@ -45,15 +41,12 @@ class Dense(Layer):
     def __post_init__(self):
         if not isinstance(self.features, int) or self.features < 1:
             raise ValueError(f"Dense: features must be a positive int, got {self.features!r}")
-        if self.weight_init not in _INITIALIZERS:
-            raise ValueError(
-                f"Dense: weight_init must be one of {sorted(_INITIALIZERS)}, got {self.weight_init!r}"
-            )
+        check_weight_init("Dense", self.weight_init)
 
     def init(self, key, x):
         check_array(self, x)
         dtype = param_dtype(x)
-        W = _INITIALIZERS[self.weight_init]()(key, (x.shape[-1], self.features), dtype)
+        W = init_weight(self.weight_init, key, (x.shape[-1], self.features), dtype)
         params = {"W": W}
         if self.use_bias:
             params["b"] = jnp.zeros((self.features,), dtype)
@@ -69,13 +62,13 @@ class Dense(Layer):
                 f"{describe(self)}: expected x[..., {in_features}], got shape {tuple(x.shape)}{hint}"
             )
 
-    def apply(self, params, x):
+    def apply(self, params, x, *, key=None):
         self._check(params, x)
         y = x @ params["W"]
         # broadcast_to_rank: b (features,) -> (1, ..., features), explicit under rank_promotion="raise"
         return y + jax.lax.broadcast_to_rank(params["b"], y.ndim) if self.use_bias else y
 
-    def forward(self, params, x):
+    def forward(self, params, x, *, key=None):
         return self.apply(params, x), x  # cache: x, since dW = x^T dy
 
     def backward(self, params, x, dy):
@@ -97,19 +90,8 @@ class Dense(Layer):
         x3 = x.reshape(batch, -1, x.shape[-1])
         dy3 = dy.reshape(batch, -1, dy.shape[-1])
         sq = per_example_outer_sq_norms(x3, dy3)
-        if self.use_bias:
-            db = dy3.sum(axis=1).astype(sq.dtype)
-            sq = sq + jnp.sum(db * db, axis=1)
-        return sq
+        return sq + per_example_bias_sq_norms(dy) if self.use_bias else sq
 
     def per_example_weighted_grads(self, params, x, dy, weights):
-        """sum_i weights[i] g_i for ``x: (batch, ..., in_features)``: dW = (weights x)^T dy, db = weights^T dy.
-
-        Weighing x rather than dy leaves dy as backward sees it, which XLA
-        compiles as well as the plain backward (a weighted dy feeding the
-        matmul or convolution can cost it a fused producer).
-        """
-        dparams, _ = self.backward(params, scale_examples(x, weights), dy)
-        if self.use_bias:
-            dparams["b"] = weights.astype(dy.dtype) @ dy.reshape(dy.shape[0], -1, dy.shape[-1]).sum(axis=1)
-        return dparams
+        """sum_i weights[i] g_i for ``x: (batch, ..., in_features)``: dW = (weights x)^T dy, db = weights^T dy_i."""
+        return weighted_grads_from_input(self, params, x, dy, weights)
