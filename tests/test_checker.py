@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from mutants import BY_NAME, ISSUE_3, cross_entropy_no_mean_forward, dense_dW_transposed, mutate, problems
+from registry import ParallelSum
 
 import fbp
 from fbp import check
-from fbp.check import GradientCheckError, check_layer, check_loss
+from fbp.check import GradientCheckError, check_layer, check_loss, finite_diff
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # XLA's optimisations: compile time, no other effect here
 
@@ -121,7 +122,7 @@ def test_a_finite_difference_step_across_a_relu_kink_is_not_a_failure(monkeypatc
         params[0]["b"] = jnp.array([3e-7 - z[0], 1.0])  # example 0, unit 0 sits 3e-7 from the kink
         case = (model, fbp.SoftmaxCrossEntropy(), params, x, jnp.array([0, 2]))
         assert fbp.check_gradients(*case, directions=4).ok
-        monkeypatch.setattr(check, "FD_STEPS", (1.0,))
+        monkeypatch.setattr(finite_diff, "FD_STEPS", (1.0,))
         assert not fbp.check_gradients(*case, directions=4, locate=False).ok
 
 
@@ -135,6 +136,13 @@ def test_a_one_percent_error_in_one_weight_gradient_fails():
     assert report.first_bad_layer == "[2] ScaledDense(3)"
     with pytest.raises(GradientCheckError, match=r"first wrong layer: \[2\] ScaledDense\(3\)"):
         report.raise_if_failed()
+
+
+def test_the_search_descends_into_a_user_written_combinator():
+    """Not a Sequential or Residual: ``children`` alone lets the search name the wrong layer inside it."""
+    report = fbp.check_gradients(*_case(_mlp(last=ParallelSum(fbp.Dense(3), ScaledDense(3, delta=0.01)))))
+    assert report.failed_leaves == ["[2]['right']['W']"]
+    assert report.first_bad_layer == "[2].right ScaledDense(3)", str(report)
 
 
 # smallest relative errors asserted detected per dtype; docs/checker.md has the measured floors
