@@ -1,1 +1,2 @@
-"""Benchmarks for fbp: ``python -m benchmarks.train_step`` (also ``fbp bench``); results in RESULTS.md."""
+"""Benchmark entry points of a checkout: ``python -m benchmarks.train_step`` (the same as ``fbp bench``,
+whose harness is ``fbp.bench``) and ``python -m benchmarks.scaling``; results in RESULTS.md."""

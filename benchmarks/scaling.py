@@ -37,7 +37,7 @@ import jax
 import optax
 
 import fbp
-from fbp import parallel
+from fbp import models, parallel
 
 
 def _parse_devices(text: str) -> list[int]:
@@ -50,13 +50,23 @@ def _parse_devices(text: str) -> list[int]:
     return sorted(set(counts))
 
 
+def _parse_widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) < 3 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected inputs,hidden...,classes like 784,512,512,10, got {text!r}")
+    return widths
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's options."""
     parser.add_argument("--devices", type=_parse_devices, default=[1, 2, 4, 8], help="device counts (default 1,2,4,8)")
     parser.add_argument("--batch", type=int, default=1024, help="global batch of the strong-scaling table (default 1024)")
     parser.add_argument("--per-device-batch", type=int, default=128,
                         help="batch per device of the weak-scaling table (default 128)")
-    parser.add_argument("--widths", default="784,512,512,10",
+    parser.add_argument("--widths", type=_parse_widths, default="784,512,512,10",
                         help="MLP widths: inputs, hidden..., classes (default 784,512,512,10)")
     parser.add_argument("--grad", default="manual", choices=("manual", "autodiff", "custom_vjp"))
     parser.add_argument("--per-example", action="store_true", help="per-example gradients")
@@ -77,11 +87,9 @@ class Variant:
     """One compiled step with its own state and pre-placed batch."""
 
     def __init__(self, label: str, devices: int | None, batch: int, args: argparse.Namespace):
-        widths = [int(w) for w in args.widths.split(",")]
-        layers = []
-        for width in widths[1:-1]:
-            layers += [fbp.Dense(width), fbp.ReLU()]
-        model = fbp.Sequential([*layers, fbp.Dense(widths[-1])])
+        widths = args.widths
+        hidden = ",".join(str(w) for w in widths[1:-1])
+        model = models.build(f"mlp:{hidden}", input_shape=(widths[0],), num_outputs=widths[-1])
         optimizer = optax.adam(1e-3)
         kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)
         x = jax.random.normal(kx, (batch, widths[0]))
@@ -159,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     device = jax.devices()[0]
     header = (
         f"{device.platform} ({device.device_kind}), {available} devices, {os.cpu_count()} CPU cores, "
-        f"jax {jax.__version__}, python {platform.python_version()}; MLP {args.widths}, Adam, grad={args.grad}"
+        f"jax {jax.__version__}, python {platform.python_version()}; MLP {','.join(map(str, args.widths))}, Adam, grad={args.grad}"
         + (", per-example" if args.per_example else "") + (f", clip_norm={args.clip_norm}" if args.clip_norm else "")
     )
     print(header, flush=True)

@@ -16,6 +16,7 @@ import pytest
 import fbp
 from fbp import explain
 from fbp.cli import main
+from fbp.explain import graph as graph_module
 
 ROOT = Path(__file__).resolve().parent.parent
 PRINT_TOLERANCE = 0.6e-4  # the table prints 4 decimals: rounding moves a value by at most 0.5e-4
@@ -217,7 +218,7 @@ def test_cli_graph_dot_writes_a_parseable_file(capsys, tmp_path):
 
 
 def test_cli_graph_svg_without_graphviz_falls_back_to_dot(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(explain.shutil, "which", lambda name: None)
+    monkeypatch.setattr(graph_module.shutil, "which", lambda name: None)
     code, out = run_cli(capsys, "--graph", str(tmp_path / "g.svg"))
     assert code == 0
     assert not (tmp_path / "g.svg").exists()
@@ -231,10 +232,29 @@ def test_cli_graph_svg_with_graphviz(capsys, tmp_path):
     assert code == 0 and (tmp_path / "g.svg").read_text().lstrip().startswith("<")
 
 
-def test_cli_rejects_an_unknown_graph_format(capsys, tmp_path):
-    assert main(["explain", "--graph", str(tmp_path / "g.txt")]) == 2
+def test_cli_rejects_an_unknown_graph_format_as_a_usage_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["explain", "--graph", str(tmp_path / "g.txt")])
     captured = capsys.readouterr()
-    assert "--graph" in captured.err and captured.out == ""
+    assert exit_info.value.code == 2
+    assert "usage:" in captured.err and "--graph" in captured.err and captured.out == ""
+
+
+def test_cli_unwritable_graph_path_fails_in_one_line(capsys, tmp_path):
+    assert main(["explain", "--graph", str(tmp_path / "missing" / "g.dot")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fbp explain: cannot write the graph") and len(err.strip().splitlines()) == 1
+
+
+def test_cli_failing_graphviz_fails_in_one_line(capsys, tmp_path, monkeypatch):
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no `false` program to stand in for a failing graphviz")
+    monkeypatch.setattr(graph_module.shutil, "which", lambda name: false)
+    assert main(["explain", "--graph", str(tmp_path / "g.svg")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fbp explain: graphviz's dot failed") and len(err.strip().splitlines()) == 1
+    assert "--graph " + str(tmp_path / "g.dot") in err
 
 
 # ---------------------------------------------------------------------------------- other checks

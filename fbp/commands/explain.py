@@ -6,6 +6,7 @@ The logic lives in ``fbp.explain``; this file only parses options and prints.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +28,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _graph_path(text: str) -> str:
+    if Path(text).suffix.lower() not in explain.GRAPH_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"expected a file ending in {', '.join(explain.GRAPH_SUFFIXES)}, got {text!r}")
+    return text
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -54,7 +61,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--precision", type=int, default=4, help="digits after the point (default: 4)")
     parser.add_argument(
-        "--graph", metavar="FILE",
+        "--graph", metavar="FILE", type=_graph_path,
         help="also write the computational graph: FILE.dot (DOT text) or FILE.svg / .png / .pdf (needs "
              "graphviz's dot; without it the DOT text is written to FILE with suffix .dot)",
     )
@@ -62,21 +69,34 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the explanation; write the graph when asked. 0 on success, 2 on a bad --graph path."""
-    if args.graph and Path(args.graph).suffix.lower() not in explain.GRAPH_SUFFIXES:
-        print(f"fbp explain: --graph expects a file ending in {', '.join(explain.GRAPH_SUFFIXES)}, "
-              f"got {args.graph!r}", file=sys.stderr)
-        return 2
+    """Print the explanation; write the graph when asked.
+
+    Returns:
+      0 on success; 1, after one line on stderr, when the graph cannot be written or rendered.
+      (A bad --graph suffix is a usage error: argparse exits with 2.)
+    """
     model, loss, params, x, y = explain.example(
         seed=args.seed, batch=args.batch, activation=args.activation, sizes=args.sizes
     )
     result = explain.explain(model, loss, params, x, y, lr=args.lr)
     print(explain.format_explanation(result, precision=args.precision))
-    if args.graph:
+    if not args.graph:
+        return 0
+    try:
         path, _ = explain.write_graph(explain.to_dot(explain.computational_graph(result)), args.graph)
-        if path == Path(args.graph):
-            print(f"\ncomputational graph written to {path}")
-        else:
-            print(f"\ngraphviz's `dot` program was not found, so the graph is written as DOT text to {path}; "
-                  f"render it with: dot -T{Path(args.graph).suffix[1:]} {path} -o {args.graph}")
+    except OSError as error:
+        print(f"fbp explain: cannot write the graph to {args.graph}: {error.strerror or error}; "
+              "pass --graph a path in a folder that exists and that you can write to", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as error:
+        detail = (error.stderr or "").strip().splitlines()
+        print(f"fbp explain: graphviz's dot failed to render {args.graph}"
+              f"{': ' + detail[0] if detail else f' (exit {error.returncode})'}; "
+              f"write DOT text instead with --graph {Path(args.graph).with_suffix('.dot')}", file=sys.stderr)
+        return 1
+    if path == Path(args.graph):
+        print(f"\ncomputational graph written to {path}")
+    else:
+        print(f"\ngraphviz's `dot` program was not found, so the graph is written as DOT text to {path}; "
+              f"render it with: dot -T{Path(args.graph).suffix[1:]} {path} -o {args.graph}")
     return 0
