@@ -1,11 +1,15 @@
 """fbp: pure-function layers with hand-written backward passes, checked against JAX."""
 
-from fbp import checkpoint, data, explain, losses, models, parallel
+from fbp import data, explain, losses, models, parallel, privacy
 from fbp.check import GradientCheckError, GradientReport, LayerReport, check_gradients, check_layer
-from fbp.grads import per_example_grads, value_and_grad, with_manual_vjp
+from fbp.grads import per_example_grads, per_example_value_and_grad, value_and_grad, with_manual_vjp
 from fbp.layers import (
     GELU,
+    GRU,
+    LSTM,
     AvgPool2D,
+    Child,
+    Conv1D,
     Conv2D,
     Dense,
     Dropout,
@@ -13,27 +17,37 @@ from fbp.layers import (
     Flatten,
     Layer,
     LayerNorm,
+    LayerProtocol,
     LeakyReLU,
     LogSoftmax,
     MaxPool2D,
+    MultiHeadAttention,
+    PositionalEmbedding,
     ReLU,
     Residual,
+    RMSNorm,
     Sequential,
     Sigmoid,
+    SimpleRNN,
     Softmax,
     Tanh,
+    TransformerBlock,
+    split_key,
 )
 from fbp.losses import MSE, BinaryCrossEntropy, SoftmaxCrossEntropy
-from fbp.train import TrainState, TrainStep, evaluate, make_train_step, train_epoch
-from fbp.trainer import TrainConfig, fit
+from fbp.training import TrainConfig, TrainState, TrainStep, checkpoint, evaluate, fit, make_train_step, train_epoch
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "GELU",
+    "GRU",
+    "LSTM",
     "MSE",
     "AvgPool2D",
     "BinaryCrossEntropy",
+    "Child",
+    "Conv1D",
     "Conv2D",
     "Dense",
     "Dropout",
@@ -43,20 +57,26 @@ __all__ = [
     "GradientReport",
     "Layer",
     "LayerNorm",
+    "LayerProtocol",
     "LayerReport",
     "LeakyReLU",
     "LogSoftmax",
     "MaxPool2D",
+    "MultiHeadAttention",
+    "PositionalEmbedding",
+    "RMSNorm",
     "ReLU",
     "Residual",
     "Sequential",
     "Sigmoid",
+    "SimpleRNN",
     "Softmax",
     "SoftmaxCrossEntropy",
     "Tanh",
     "TrainConfig",
     "TrainState",
     "TrainStep",
+    "TransformerBlock",
     "check_gradients",
     "check_layer",
     "checkpoint",
@@ -69,6 +89,9 @@ __all__ = [
     "models",
     "parallel",
     "per_example_grads",
+    "per_example_value_and_grad",
+    "privacy",
+    "split_key",
     "train_epoch",
     "value_and_grad",
     "with_manual_vjp",

@@ -17,8 +17,9 @@ import optax
 import pytest
 
 import fbp
-from fbp import checkpoint, data
-from fbp.trainer import TrainConfig, first_nonfinite, fit
+from fbp import data
+from fbp.training import checkpoint
+from fbp.training.fit import TrainConfig, first_nonfinite, fit
 
 KEY = jax.random.PRNGKey(0)
 

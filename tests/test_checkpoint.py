@@ -1,4 +1,4 @@
-"""fbp.checkpoint: exact round trips, keep-last-N, atomic saves, and clear errors for bad checkpoints."""
+"""fbp.training.checkpoint: exact round trips, keep-last-N, atomic saves, and clear errors for bad checkpoints."""
 
 import json
 
@@ -9,8 +9,8 @@ import optax
 import pytest
 
 import fbp
-from fbp import checkpoint
-from fbp.checkpoint import CheckpointError
+from fbp.training import checkpoint
+from fbp.training.checkpoint import CheckpointError
 
 
 def _state(width=4, seed=0):
@@ -41,10 +41,11 @@ def test_keeps_the_last_few_and_ignores_partial_saves(tmp_path):
     for epoch in range(1, 6):
         checkpoint.save(tmp_path, epoch, state, keep=2)
     assert [epoch for epoch, _ in checkpoint.list_checkpoints(tmp_path)] == [4, 5]
-    (tmp_path / ".partial-epoch_000006").mkdir()  # what a crash mid-save leaves behind
+    (tmp_path / "epoch_000006" / "state").mkdir(parents=True)  # what a crash before meta.json leaves behind
     assert checkpoint.latest(tmp_path).name == "epoch_000005"
     checkpoint.save(tmp_path, 6, state, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_000005", "epoch_000006"]
+    assert checkpoint.read_meta(tmp_path / "epoch_000006")["epoch"] == 6
     assert checkpoint.latest(tmp_path / "missing") is None
     with pytest.raises(ValueError, match="keep must be >= 1"):
         checkpoint.save(tmp_path, 7, state, keep=0)
@@ -86,10 +87,38 @@ def test_corrupt_checkpoint_same_size(tmp_path):
 def test_missing_or_broken_meta(tmp_path):
     path = checkpoint.save(tmp_path, 1, _state())
     (path / "meta.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match=f"checkpoint {path} is corrupt or incomplete: cannot read meta.json"):
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} cannot be read: meta.json is unreadable"):
+        checkpoint.restore(path, _state())
+    (path / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} is incomplete: it has no meta.json"):
         checkpoint.restore(path, _state())
     (path / "meta.json").write_text(json.dumps({"epoch": 1}))
     with pytest.raises(CheckpointError, match="no leaves, sha256, files"):
         checkpoint.restore(path, _state())
     with pytest.raises(FileNotFoundError, match="no checkpoint at .*epoch_000009"):
         checkpoint.restore(tmp_path / "epoch_000009", _state())
+
+
+def test_relative_paths_from_the_working_directory(tmp_path, monkeypatch):
+    # orbax-checkpoint refuses relative paths; fbp makes them absolute where they enter
+    monkeypatch.chdir(tmp_path)
+    state = _state(seed=2)
+    path = checkpoint.save("runs/x/checkpoints", 1, state)
+    assert path == tmp_path / "runs" / "x" / "checkpoints" / "epoch_000001"
+    assert checkpoint.latest("runs/x/checkpoints") == path
+    restored, _ = checkpoint.restore("runs/x/checkpoints/epoch_000001", _state())
+    _assert_equal(restored, state)
+
+
+def test_a_healthy_checkpoint_orbax_cannot_read_is_not_called_corrupt(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    path = checkpoint.save(tmp_path, 1, _state())
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError("permission denied")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", refuse)
+    with pytest.raises(CheckpointError, match="cannot be read by orbax-checkpoint .* its files match") as info:
+        checkpoint.restore(path, _state())
+    assert "corrupt" not in str(info.value)

@@ -62,3 +62,28 @@ def test_wrong_backward_fails_and_prints_the_report(capsys, monkeypatch):
 def test_zoo_examples_follow_the_dtype(x64):
     _, _, params, x, _ = zoo.ZOO["embedding/cross-entropy"].example(dtype=jnp.float64)
     assert params[0]["W"].dtype == jnp.float64 and jnp.issubdtype(x.dtype, jnp.integer)
+
+
+def test_rows_appear_as_each_check_finishes(capsys, monkeypatch):
+    from fbp.commands import check as command
+
+    seen_before_each_check = []
+    real = command._check_one
+
+    def recording(entry, dtype, seed):
+        seen_before_each_check.append(capsys.readouterr().out)  # what the user had on screen so far
+        return real(entry, dtype, seed)
+
+    monkeypatch.setattr(command, "_check_one", recording)
+    assert main(["check", "--model", "mlp-tanh/mse,mlp-sigmoid/bce", "--dtype", "float32"]) == 0
+    first, second = seen_before_each_check
+    assert first.split()[:3] == ["model", "loss", "dtype"]  # the header before the first check ends
+    assert second.split()[-1] == "ok" and "mlp-sigmoid" in second  # the first row before the second check
+
+
+def test_unknown_option_prints_the_subcommand_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", "--no-such-option"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: fbp check") and "unrecognized arguments: --no-such-option" in err

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fbp import checkpoint, data
+from fbp import data
 from fbp.cli import main
+from fbp.training import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["train", "--model", "mlp:16", "--lr", "0.01", "--epochs", "2", "--batch-size", "64"]
@@ -36,18 +37,18 @@ def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
 
 def test_resume_errors_name_the_folder(tmp_path, capsys):
     out = str(tmp_path)
-    assert main([*TINY, "--out", out, "--resume"]) == 2
+    assert main([*TINY, "--out", out, "--resume"]) == 1
     assert f"no checkpoint folder {tmp_path / 'checkpoints'}" in capsys.readouterr().err
 
     assert main([*TINY, "--epochs", "1", "--out", out, "--quiet"]) == 0
-    assert main([*TINY, "--model", "mlp:32", "--out", out, "--resume"]) == 2
+    assert main([*TINY, "--model", "mlp:32", "--out", out, "--resume"]) == 1
     err = capsys.readouterr().err
     assert "epoch_000001 was written for a different model" in err
     assert "params[1]['W']: (64, 16) float32 in the checkpoint, (64, 32) float32 here" in err
 
     victim = max((p for p in (tmp_path / "checkpoints").rglob("d/*") if p.is_file()), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[:10])
-    assert main([*TINY, "--out", out, "--resume"]) == 2
+    assert main([*TINY, "--out", out, "--resume"]) == 1
     assert "epoch_000001 is truncated or corrupt: state/" in capsys.readouterr().err
 
 
@@ -61,7 +62,7 @@ def test_mnist_from_idx_files_with_a_cnn(tmp_path, capsys):
     args = ["train", "--data", "mnist", "--model", "cnn:4", "--epochs", "1", "--batch-size", "32", "--quiet"]
     assert main([*args, "--data-dir", str(folder), "--out", str(tmp_path / "run")]) == 0
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["step"] == 2
-    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    assert main([*args, "--out", str(tmp_path / "run")]) == 1
     assert "mnist: needs data_dir (--data-dir)" in capsys.readouterr().err
 
 
@@ -84,7 +85,9 @@ def test_devices_option_and_quiet(tmp_path, capsys):
     assert main([*TINY, "--epochs", "1", "--devices", "1", "--quiet", "--out", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""  # --quiet: nothing
-    assert main([*TINY, "--devices", "3", "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # a usage error: exit 2 with the usage
+        main([*TINY, "--devices", "3", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
     assert "devices must be >= 1 and divide batch_size 64" in capsys.readouterr().err
 
 
@@ -102,7 +105,8 @@ def test_sigkill_during_save_then_resume_matches_an_uninterrupted_run(tmp_path):
     killed = _cli(tmp_path / "crash", env={checkpoint.KILL_HOOK: "2"})  # dies after writing epoch 2's arrays
     assert killed.returncode == -signal.SIGKILL
     checkpoints = tmp_path / "crash" / "checkpoints"
-    assert (checkpoints / ".partial-epoch_000002" / "state").is_dir()
+    assert (checkpoints / "epoch_000002" / "state").is_dir()  # orbax committed, fbp's meta.json never came
+    assert not (checkpoints / "epoch_000002" / checkpoint.META).exists()
     assert checkpoint.latest(checkpoints).name == "epoch_000001"
 
     resumed = _cli(tmp_path / "crash", "--resume")
@@ -132,3 +136,46 @@ def test_scripts_run(script, argv, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.strip()
     if script == "compare_grad_modes.py":
         assert (tmp_path / "modes.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_known_failure_is_one_line_and_debug_adds_the_traceback(tmp_path, capsys, monkeypatch):
+    assert main([*TINY, "--out", str(tmp_path), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fbp train: --resume: no checkpoint folder")
+    assert main(["--debug", *TINY, "--out", str(tmp_path), "--resume"]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+    monkeypatch.setenv("FBP_DEBUG", "1")
+    assert main([*TINY, "--out", str(tmp_path), "--resume"]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_an_unexpected_error_is_one_line_that_says_how_to_see_more(tmp_path, capsys, monkeypatch):
+    from fbp.training import fit as trainer
+
+    def broken(config):
+        raise RuntimeError("something inside broke")
+
+    monkeypatch.setattr(trainer, "fit", broken)
+    assert main([*TINY, "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == ("fbp train: unexpected RuntimeError: something inside broke; run again with "
+                   "`fbp --debug train ...` for the traceback, and please report it\n")
+
+
+def test_usage_errors_exit_2_with_the_subcommand_usage(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--epochs", "0", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: fbp train") and "epochs must be a positive integer, got 0" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--no-such-option"])
+    assert exit_info.value.code == 2
+    assert "usage: fbp train" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_do(tmp_path, capsys):
+    assert main([*TINY, "--epochs", "1", "--out", str(tmp_path), "--quiet"]) == 0
+    assert main([*TINY, "--epochs", "1", "--out", str(tmp_path), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "already at epoch 1 of 1: nothing to do" in out and "epoch   1/1" not in out

@@ -1,4 +1,4 @@
-"""fbp.train: the train step in every gradient mode, per-example gradients, clipping, DP noise,
+"""fbp.training.step: the train step in every gradient mode, per-example gradients, clipping, DP noise,
 the scan-fused epoch, tracing, donation and determinism."""
 
 from dataclasses import dataclass
@@ -50,7 +50,7 @@ def test_per_example_average_equals_batch_gradient(digits):
     loss = fbp.SoftmaxCrossEntropy()
     x, y = jnp.asarray(digits.x_train[:16]), jnp.asarray(digits.y_train[:16])
     _, batch = fbp.value_and_grad(model, loss)(params, x, y)
-    values, per_example = fbp.per_example_grads(model, loss)(params, x, y)
+    values, per_example = fbp.per_example_value_and_grad(model, loss)(params, x, y)
     assert values.shape == (16,)
     averaged = jax.tree_util.tree_map(lambda g: g.mean(axis=0), per_example)
     # float32: the two sum the same 16 terms in a different order; 1e-5 is ~100 ulps of the largest entry
@@ -119,7 +119,7 @@ TRACES = []
 class Traced(Layer):
     """Identity that records each Python call of forward/apply: under jit, one per trace."""
 
-    def forward(self, params, x):
+    def forward(self, params, x, *, key=None):
         TRACES.append(x.shape)
         return x, None  # cache: nothing, dx = dy
 

@@ -1,4 +1,4 @@
-"""fbp.trainer.fit (the loop behind ``fbp train``) and fbp.models: outputs, resume, faults, retracing."""
+"""fbp.training.fit (the loop behind ``fbp train``) and fbp.models: outputs, resume, faults, retracing."""
 
 import dataclasses
 import json
@@ -12,9 +12,10 @@ import optax
 import pytest
 
 import fbp
-from fbp import checkpoint, data, models
+from fbp import data, models
 from fbp.check import GradientCheckError
-from fbp.trainer import NonFiniteError, RetraceGuard, RetraceWarning, TrainConfig, first_nonfinite, fit
+from fbp.training import checkpoint
+from fbp.training.fit import NonFiniteError, RetraceGuard, RetraceWarning, TrainConfig, first_nonfinite, fit
 
 TINY = TrainConfig(model="mlp:16", lr=0.01, epochs=3, batch_size=64, quiet=True, keep_checkpoints=2)
 

@@ -1,7 +1,8 @@
 """``fbp check``: run the gradient checker over the model zoo and print one table.
 
-One row per model x loss x dtype; the full report of every failure follows the
-table, and the exit status is 1 if any check failed (2 for an unknown name).
+One row per model x loss x dtype, printed as each check finishes; the full report
+of every failure follows the table, and the exit status is 1 if any check failed
+(2 for an unknown name).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Build each model of the zoo (fbp/zoo.py) with its loss and a small random batch, run "
             "fbp.check_gradients (autodiff, finite differences, per-example), and print one table: "
             "model, loss, dtype, rows checked, worst relative error, ok/FAIL. Failing reports follow "
-            "in full. Exit status: 0 all ok, 1 a check failed, 2 an unknown model name."
+            "in full. Rows appear as each check finishes. Exit status: 0 all ok, 1 a check failed, 2 an unknown "
+            "model name."
         ),
     )
     parser.add_argument(
@@ -53,10 +55,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _format_table(rows: list[tuple[str, ...]]) -> str:
-    lines = [HEADER, *rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+class _RowPrinter:
+    """Prints the table one row at a time, as each check finishes: widths fixed up front from the names."""
+
+    def __init__(self, names: list[str], losses: list[str], dtypes: list[str]):
+        self.widths = [max(len(HEADER[0]), *map(len, names)), max(len(HEADER[1]), *map(len, losses)),
+                       max(len(HEADER[2]), *map(len, dtypes)), len(HEADER[3]), len(HEADER[4]), len(HEADER[5])]
+        self.row(HEADER)
+
+    def row(self, cells: tuple[str, ...]) -> None:
+        print("  ".join(cell.ljust(w) for cell, w in zip(cells, self.widths)).rstrip(), flush=True)
 
 
 def _check_one(entry: zoo.ZooEntry, dtype, seed: int):
@@ -82,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     start = time.perf_counter()
     rows, failures = [], []
+    printer = _RowPrinter([name.split("/")[0] for name in entries], [type(e.loss).__name__ for e in entries.values()],
+                          [jnp.dtype(dtype).name for dtype in DTYPES[args.dtype]])
     for dtype in DTYPES[args.dtype]:
         dtype_name = jnp.dtype(dtype).name
         for name, entry in entries.items():
@@ -92,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
                 text = f"{type(error).__name__}: {error}"
             row = (name.split("/")[0], type(entry.loss).__name__, checked, str(count), f"{worst:.2e}")
             rows.append((*row, "ok" if ok else "FAIL"))
+            printer.row(rows[-1])
             if not ok:
                 failures.append(f"== {name} ({dtype_name}) ==\n{text}")
-    print(_format_table(rows))
     seconds = time.perf_counter() - start
     if failures:
         print(f"\n{len(failures)} of {len(rows)} checks FAILED ({seconds:.1f} s)\n")

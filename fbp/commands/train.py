@@ -1,16 +1,15 @@
-"""``fbp train``: train a model with hand-written gradients; a front end over ``fbp.trainer.fit``.
+"""``fbp train``: train a model with hand-written gradients; a front end over ``fbp.training.fit``.
 
-Exit status: 0 done, 1 training stopped (non-finite loss or gradient, or a
-failed --check-gradients), 2 a bad option, data set or checkpoint.
+Exit status: 0 done; 1 a known failure (a non-finite loss or gradient, a failed
+--check-gradients, missing data, an unusable checkpoint), one line on stderr; 2 a bad option.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from fbp import data
-from fbp.trainer import DEFAULT_LR, OPTIMIZERS, TrainConfig
+from fbp.training.fit import DEFAULT_LR, OPTIMIZERS, TrainConfig
 
 _DEFAULTS = TrainConfig()
 
@@ -23,14 +22,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "Train a model with the hand-written backward passes. Writes to --out: metrics.jsonl (one JSON line "
             "per epoch), checkpoints/ (the last few epochs, orbax), curves.png and config.json. "
-            "Exit status: 0 done, 1 stopped (non-finite loss or gradient, failed gradient check), 2 bad input."
+            "Exit status: 0 done; 1 a known failure (non-finite loss or gradient, failed gradient check, missing "
+            "data, unusable checkpoint); 2 a bad option."
         ),
     )
-    parser.add_argument("--data", choices=data.DATASETS, default=_DEFAULTS.data,
-                        help="data set (default: %(default)s); mnist and fashion-mnist read local IDX files")
+    parser.add_argument("--data", default=_DEFAULTS.data, metavar="{" + ",".join(data.DATASETS) + ",text:PATH}",
+                        help="data set (default: %(default)s); mnist and fashion-mnist read local IDX files; "
+                        "digits-rows, adding and copy are sequences; text is characters of the Python standard "
+                        "library's source, text:PATH those of a local UTF-8 file")
     parser.add_argument("--data-dir", help="folder with the IDX files (train-images-idx3-ubyte[.gz], ...)")
     parser.add_argument("--model", default=_DEFAULTS.model,
-                        help="mlp[:W1,W2,...] or cnn[:C1,C2,...] (default: %(default)s)")
+                        help="mlp[:W1,W2,...] or cnn[:C1,C2,...]; for sequences rnn[:H1,...], gru[:H1,...], "
+                        "lstm[:H1,...], cnn1d[:C1,...] or transformer[:d_model=64,layers=2,heads=4,mlp_ratio=4] "
+                        "(default: %(default)s)")
     parser.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=_DEFAULTS.optimizer,
                         help="(default: %(default)s)")
     parser.add_argument("--lr", type=float, help="learning rate (default by optimizer: "
@@ -55,10 +59,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train with the parsed options; return the exit status."""
-    from fbp.check import GradientCheckError
-    from fbp.checkpoint import CheckpointError
-    from fbp.trainer import NonFiniteError, fit
+    """Train with the parsed options; return the exit status (errors are turned into codes by fbp.cli)."""
+    from fbp.cli import UsageError
+    from fbp.training.fit import fit
 
     config = TrainConfig(
         data=args.data, data_dir=args.data_dir, model=args.model, optimizer=args.optimizer, lr=args.lr,
@@ -68,13 +71,10 @@ def run(args: argparse.Namespace) -> int:
         on_nonfinite=args.on_nonfinite, quiet=args.quiet,
     )
     try:
-        result = fit(config)
-    except (NonFiniteError, GradientCheckError) as error:
-        print(f"fbp train: {error}", file=sys.stderr)
-        return 1
-    except (ValueError, TypeError, FileNotFoundError, ImportError, CheckpointError) as error:
-        print(f"fbp train: {error}", file=sys.stderr)
-        return 2
+        config.validate()
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    result = fit(config)
     if not config.quiet and result.history:
         last = result.history[-1]
         accuracy, test_loss = last["test_accuracy"], last["test_loss"]
@@ -84,4 +84,3 @@ def run(args: argparse.Namespace) -> int:
             score = "test loss nan" if test_loss is None else f"test loss {test_loss:.4g}"
         print(f"done: {score} after {last['epoch']} epochs of {config.model}; outputs in {result.out_dir}")
     return 0
-

@@ -7,7 +7,7 @@ Each epoch: the training set in an order drawn from ``(seed, epoch)`` (so a
 resumed run sees the same batches as an uninterrupted one), cut into full
 batches and run through ``fbp.train_epoch`` (one lax.scan) in about ten
 chunks, for a live progress bar; then the test set is evaluated, a line goes
-to ``metrics.jsonl`` and the state is checkpointed (``fbp.checkpoint``).
+to ``metrics.jsonl`` and the state is checkpointed (``fbp.training.checkpoint``).
 
 Faults: NaN/Inf in the data is refused before training. A non-finite loss or
 gradient during training either stops the run (``on_nonfinite="stop"``,
@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
+import os
 import shutil
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -35,11 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fbp import checkpoint, data, models
+from fbp import data, models
 from fbp.check import GradientCheckError, check_gradients
-from fbp.grads import MODES, value_and_grad
+from fbp.grads import GRAD_MODES, value_and_grad
+from fbp.layers.base import uses_key
 from fbp.losses import MSE, SoftmaxCrossEntropy
-from fbp.train import TrainState, TrainStep, evaluate, make_train_step, train_epoch
+from fbp.training import checkpoint
+from fbp.training import log as run_log
+from fbp.training.step import TrainState, TrainStep, evaluate, make_train_step, train_epoch
 
 OPTIMIZERS = {
     "sgd": optax.sgd,
@@ -57,8 +59,8 @@ class TrainConfig:
     """Everything ``fit`` needs; ``fbp train``'s options map onto these fields one to one.
 
     Attributes:
-      data: one of ``fbp.data.DATASETS``; data_dir: the IDX folder for mnist / fashion-mnist.
-      model: a model spec, ``"mlp[:W1,...]"`` or ``"cnn[:C1,...]"`` (``fbp.models``).
+      data: one of ``fbp.data.DATASETS``, or ``text:PATH``; data_dir: the IDX folder for mnist / fashion-mnist.
+      model: a model spec, e.g. ``"mlp[:W1,...]"``, ``"lstm:64"``, ``"transformer"`` (``fbp.models``).
       optimizer: ``sgd``, ``momentum`` (0.9), ``adam`` or ``adamw`` (weight decay 1e-4).
       lr: learning rate; None for the optimizer's default (``DEFAULT_LR``).
       epochs: total epochs (a resumed run continues up to this number).
@@ -96,10 +98,14 @@ class TrainConfig:
     keep_checkpoints: int = 3
     chunks_per_epoch: int = 10
 
+    def __post_init__(self):
+        if self.out is not None:  # absolute once, here: orbax refuses relative paths, and cwd may change
+            object.__setattr__(self, "out", os.path.abspath(os.fspath(self.out)))
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
-        choices = {"data": data.DATASETS, "optimizer": tuple(OPTIMIZERS), "grad": MODES,
-                   "on_nonfinite": ("stop", "skip")}
+        data.check_name(self.data)  # one of data.DATASETS, or text:PATH
+        choices = {"optimizer": tuple(OPTIMIZERS), "grad": GRAD_MODES, "on_nonfinite": ("stop", "skip")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -125,10 +131,11 @@ class TrainConfig:
 
     @property
     def out_dir(self) -> Path:
+        """The output folder, absolute: ``out``, or ``runs/<data>-<model>-seed<seed>`` under the working directory."""
         if self.out is not None:
             return Path(self.out)
         spec = self.model.replace(":", "-").replace(",", "-")
-        return Path("runs") / f"{self.data}-{spec}-seed{self.seed}"
+        return Path(os.path.abspath(Path("runs") / f"{data.run_name(self.data)}-{spec}-seed{self.seed}"))
 
 
 class TrainResult(NamedTuple):
@@ -214,67 +221,6 @@ def _make_step(model, loss, optimizer, config: TrainConfig) -> TrainStep:
     return make_train_step(model, loss, optimizer, mesh=parallel.make_mesh(config.devices), **options)
 
 
-class _Progress:
-    """A tqdm bar on a terminal, plain lines otherwise, nothing when quiet."""
-
-    def __init__(self, total: int, quiet: bool):
-        self.quiet = quiet
-        self.bar = None
-        if not quiet and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=False)
-
-    def update(self, steps: int, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(steps)
-            self.bar.set_postfix(loss=f"{loss:.4f}")
-
-    def write(self, message: str) -> None:
-        if self.quiet:
-            return
-        if self.bar is not None:
-            self.bar.write(message)
-        else:
-            print(message, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _read_history(path: Path, up_to_epoch: int) -> list[dict]:
-    """Lines of metrics.jsonl with epoch <= up_to_epoch (a killed run may have written one more)."""
-    if not path.is_file():
-        return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [line for line in lines if line["epoch"] <= up_to_epoch]
-
-
-def _write_history(path: Path, history: list[dict]) -> None:
-    path.write_text("".join(json.dumps(line) + "\n" for line in history))
-
-
-def plot_history(history: list[dict], path: str | Path) -> None:
-    """Save loss (train and test) and test accuracy per epoch as a PNG (matplotlib, no display needed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    epochs = [h["epoch"] for h in history]
-    has_accuracy = any(h.get("test_accuracy") is not None for h in history)
-    fig = Figure(figsize=(9 if has_accuracy else 5, 3.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2 if has_accuracy else 1, squeeze=False)[0]
-    for key, label in (("train_loss", "train"), ("test_loss", "test")):
-        axes[0].plot(epochs, [np.nan if h[key] is None else h[key] for h in history], marker=".", label=label)
-    axes[0].set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
-    axes[0].legend()
-    if has_accuracy:
-        axes[1].plot(epochs, [h["test_accuracy"] for h in history], marker=".", color="C2")
-        axes[1].set(xlabel="epoch", ylabel="test accuracy", title="test accuracy")
-    fig.savefig(path, dpi=100)
-
-
 _copy = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
 
 
@@ -283,8 +229,8 @@ def _diagnose(step: TrainStep, loss, config: TrainConfig, state, xs, ys, index: 
     model = step.model
     for j in range(index):
         state, _ = step(state, xs[j], ys[j])
-    key = state.rng if getattr(model, "takes_key", False) else None
-    value, grads = value_and_grad(model, loss, mode=config.grad, per_example=config.per_example)(
+    key = state.rng if uses_key(model, state.params, xs[index], state.rng) else None
+    value, grads = value_and_grad(model, loss, grad=config.grad, per_example=config.per_example)(
         state.params, xs[index], ys[index], key
     )
     leaf = first_nonfinite(value, grads)
@@ -307,7 +253,7 @@ def _resume(config: TrainConfig, state: TrainState) -> tuple[TrainState, int, li
                if name in saved and name not in _RESUMABLE_CHANGES and saved[name] != value]
     if changed:
         warnings.warn(f"--resume: options differ from the run that wrote {path}: {', '.join(changed)}", stacklevel=3)
-    history = _read_history(config.out_dir / "metrics.jsonl", meta["epoch"])
+    history = run_log.read_history(config.out_dir / "metrics.jsonl", meta["epoch"])
     return jax.tree_util.tree_map(jnp.asarray, state), meta["epoch"], history
 
 
@@ -315,14 +261,14 @@ def _clear_checkpoints(folder: Path) -> None:
     """Delete an earlier run's checkpoints, refusing a folder that holds anything else."""
     if not folder.is_dir():
         return
-    foreign = sorted(p.name for p in folder.iterdir() if not re.fullmatch(r"(\.partial-)?epoch_\d+", p.name))
+    foreign = sorted(p.name for p in folder.iterdir() if not checkpoint.is_checkpoint_folder_entry(p.name))
     if foreign:
         raise ValueError(f"{folder} holds files that are not fbp checkpoints ({', '.join(foreign[:3])}); "
                          "choose another --out")
     shutil.rmtree(folder)
 
 
-def _run_epoch(guard: RetraceGuard, state, batches: data.Batches, chunk: int, context: dict, say: _Progress):
+def _run_epoch(guard: RetraceGuard, state, batches: data.Batches, chunk: int, context: dict, say: run_log.Progress):
     """One epoch as scans of ``chunk`` steps. Returns (state, finite training losses, skipped updates)."""
     config, epoch = context["config"], context["epoch"]
     num_batches = batches.xs.shape[0]
@@ -362,7 +308,7 @@ def fit(config: TrainConfig, dataset: data.Dataset | None = None, *, log: Callab
 
     Raises:
       ValueError: a bad option, or NaN/Inf in the data.
-      FileNotFoundError / fbp.checkpoint.CheckpointError: ``resume`` without a usable checkpoint.
+      FileNotFoundError / fbp.training.checkpoint.CheckpointError: ``resume`` without a usable checkpoint.
       GradientCheckError: ``check_gradients`` found a wrong gradient.
       NonFiniteError: a NaN/Inf loss or gradient with ``on_nonfinite="stop"``.
     """
@@ -374,7 +320,7 @@ def fit(config: TrainConfig, dataset: data.Dataset | None = None, *, log: Callab
         raise ValueError(f"batch_size {config.batch_size} exceeds the {dataset.x_train.shape[0]} training examples")
     classification = dataset.num_classes is not None
     loss = SoftmaxCrossEntropy() if classification else MSE()
-    model = models.build(config.model, dataset.input_shape, dataset.num_outputs)
+    model = models.build_for(config.model, dataset)  # a prediction per step when the labels are per step
     init_key, rng = jax.random.split(jax.random.PRNGKey(config.seed))
     params = jax.jit(model.init)(init_key, jnp.asarray(dataset.x_train[:1]))  # jit: one compile, not one per op
     optimizer = make_optimizer(config.optimizer, config.learning_rate)
@@ -388,19 +334,25 @@ def fit(config: TrainConfig, dataset: data.Dataset | None = None, *, log: Callab
     else:
         _clear_checkpoints(out / "checkpoints")  # a fresh run replaces an earlier one's
     out.mkdir(parents=True, exist_ok=True)
+    if dataset.vocabulary is not None:  # text: fbp generate needs the characters back
+        data.save_vocabulary(out, dataset)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
-    _write_history(out / "metrics.jsonl", history)
+    run_log.write_history(out / "metrics.jsonl", history)
     # equal chunks (the largest divisor of num_batches up to chunks_per_epoch), so one compile serves them all
     num_chunks = max(d for d in range(1, min(config.chunks_per_epoch, num_batches) + 1) if num_batches % d == 0)
     x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
     guard = RetraceGuard(step)
-    metric_names = ("loss", "accuracy") if classification else ("loss",)
-    say = _Progress(max(0, config.epochs - start_epoch) * num_batches, config.quiet)
+    # evaluate's accuracy counts per example; labels per step (text, copy) report loss only
+    metric_names = ("loss", "accuracy") if classification and not dataset.per_step else ("loss",)
+    say = run_log.Progress(max(0, config.epochs - start_epoch) * num_batches, config.quiet)
     say_line = log or say.write
     try:
-        if start_epoch:
+        if start_epoch >= config.epochs:
+            say_line(f"already at epoch {start_epoch} of {config.epochs}: nothing to do "
+                     f"(raise --epochs to train further; outputs in {out})")
+        elif start_epoch:
             say_line(f"resumed from {checkpoint.latest(out / 'checkpoints')} (epoch {start_epoch})")
-        if config.check_gradients:
+        if config.check_gradients and start_epoch < config.epochs:
             key = data.epoch_key(config.seed, start_epoch + 1)
             first = data.batches(x_train, y_train, config.batch_size, key=key)
             report = check_gradients(model, loss, state.params, first.xs[0], first.ys[0], seed=config.seed)
@@ -425,26 +377,21 @@ def fit(config: TrainConfig, dataset: data.Dataset | None = None, *, log: Callab
                 "steps_per_second": round(num_batches / train_seconds, 1),
                 "skipped": skipped,
             }
+            if dataset.vocabulary is not None:  # text: validation bits per character
+                line["test_bpc"] = None if line["test_loss"] is None else line["test_loss"] / np.log(2.0)
             history.append(line)
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(line) + "\n")
-            say_line(_epoch_line(line, config.epochs))
+            say_line(run_log.epoch_line(line, config.epochs))
             checkpoint.save(out / "checkpoints", epoch, state, metadata={"config": dataclasses.asdict(config)},
                             keep=config.keep_checkpoints)
+        if dataset.vocabulary is not None and history and history[-1].get("test_bpc") is not None:
+            say_line(f"validation {history[-1]['test_bpc']:.3f} bits per character; the training text's unigram "
+                     f"entropy is {data.unigram_entropy_bits(dataset.y_train):.3f} bits per character")
     finally:
         say.close()
         if history:
-            plot_history(history, out / "curves.png")
+            run_log.plot_history(history, out / "curves.png")
     return TrainResult(state, model, history, out)
 
 
-def _epoch_line(line: dict, epochs: int) -> str:
-    def number(value, spec):
-        return "nan" if value is None else format(value, spec)
-
-    text = (f"epoch {line['epoch']:>3}/{epochs}  train loss {number(line['train_loss'], '.4f')}  "
-            f"test loss {number(line['test_loss'], '.4f')}")
-    if line["test_accuracy"] is not None:
-        text += f"  test acc {100 * line['test_accuracy']:.2f}%"
-    text += f"  {line['seconds']:.2f} s  {line['steps_per_second']:.0f} steps/s"
-    return text + (f"  skipped {line['skipped']}" if line["skipped"] else "")

@@ -1,27 +1,37 @@
-"""Training: a pytree TrainState, a jitted train step, a scan-fused epoch, evaluation.
+"""Training: a pytree TrainState, a jitted train step, an epoch of steps, evaluation, a precision policy.
 
     state = fbp.TrainState.create(params, optimizer)
-    step = fbp.make_train_step(model, loss, optimizer, grad="manual")
+    step = fbp.make_train_step(model, loss, optimizer, grad="manual")    # precision="bfloat16" for mixed
     state, metrics = step(state, x, y)          # jitted once per input shape
     state, history = fbp.train_epoch(step, state, xs, ys)   # xs: (num_batches, batch, ...)
+
+``train_epoch`` runs the epoch as one compiled ``lax.scan`` or as a Python loop
+of the jitted step (asynchronous dispatch), whichever is faster for the model
+and backend (``epoch_strategy``); both give bit-identical results.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax import lax
 from jax.sharding import Mesh
 
 from fbp import parallel
 from fbp.grads import MODES, check_batch, clipped_value_and_grad, value_and_grad
 from fbp.grads import clip_and_average as clip_and_average  # noqa: PLC0414 - explicit re-export: it lived here before
-from fbp.layers.base import describe
-from fbp.losses import MSE, SoftmaxCrossEntropy
+from fbp.layers.base import describe, uses_key
+from fbp.losses import MSE, Loss, SoftmaxCrossEntropy
+
+PRECISIONS = ("float32", "bfloat16", "float16")
+EPOCH_STRATEGIES = ("auto", "scan", "loop")
 
 
 class TrainState(NamedTuple):
@@ -65,21 +75,151 @@ def add_dp_noise(grads, key, *, clip_norm: float, noise_multiplier: float, batch
     return treedef.unflatten(noisy)
 
 
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A mixed-precision policy, in the three dtypes of DeepMind's jmp (``jmp.Policy``), plus a loss scale.
+
+    The train step keeps ``params`` and the optimizer state in ``param_dtype``;
+    casts them and the floating inputs to ``compute_dtype`` for the forward
+    pass, the caches and the hand-written backward; computes the loss on the
+    model's output cast to ``output_dtype``, and casts the gradient back to
+    ``param_dtype`` before the gradient norm, clipping's noise, the non-finite
+    guard and the optimizer. Integer inputs (labels, token ids) are not cast.
+
+    Attributes:
+      param_dtype: parameters and optimizer state (``"float32"``).
+      compute_dtype: forward, backward and caches (``"float32"``, ``"bfloat16"`` or ``"float16"``).
+      output_dtype: the model output as the loss sees it, so the loss, its
+        gradient and the norms add up in this dtype (``"float32"``).
+      loss_scale: dL/dpred is multiplied by this before the backward and the
+        gradient divided by it after (a static loss scale, for float16's
+        narrow range: small gradients would flush to zero). An overflow makes
+        the gradient non-finite, and the step's non-finite guard skips it.
+    """
+
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    output_dtype: str = "float32"
+    loss_scale: float = 1.0
+
+    def __post_init__(self):
+        for field in ("param_dtype", "compute_dtype", "output_dtype"):
+            value = getattr(self, field)
+            try:
+                dtype = jnp.dtype(value)
+            except TypeError:
+                dtype = None
+            if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+                raise ValueError(f"Policy: {field} must be a floating dtype such as 'float32', got {value!r}")
+            object.__setattr__(self, field, dtype.name)
+        if not (isinstance(self.loss_scale, (int, float)) and np.isfinite(self.loss_scale) and self.loss_scale > 0):
+            raise ValueError(f"Policy: loss_scale must be a positive number, got {self.loss_scale!r}")
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the step casts anything (False for the all-float32 policy)."""
+        return len({self.param_dtype, self.compute_dtype, self.output_dtype}) > 1 or self.loss_scale != 1
+
+    def cast_to_compute(self, tree):
+        """Every floating leaf of ``tree`` in ``compute_dtype``; other leaves as they are."""
+        return _cast_floating(tree, self.compute_dtype)
+
+    def cast_to_param(self, tree):
+        """Every floating leaf of ``tree`` in ``param_dtype``."""
+        return _cast_floating(tree, self.param_dtype)
+
+    def cast_to_output(self, tree):
+        """Every floating leaf of ``tree`` in ``output_dtype``."""
+        return _cast_floating(tree, self.output_dtype)
+
+
+def _cast_floating(tree, dtype):
+    def cast(leaf):
+        return leaf.astype(dtype) if jnp.issubdtype(jnp.result_type(leaf), jnp.floating) else leaf
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def get_policy(precision: str | Policy) -> Policy:
+    """The policy that ``precision`` names.
+
+    Args:
+      precision: ``"float32"`` (everything float32, no casts), ``"bfloat16"``
+        (float32 params and optimizer state; forward, backward and caches in
+        bfloat16; loss and norms in float32), ``"float16"`` (the same with
+        float16 and a static loss scale of 2**10), or a ``Policy``.
+    """
+    if isinstance(precision, Policy):
+        return precision
+    if precision == "float32":
+        return Policy()
+    if precision == "bfloat16":
+        return Policy(compute_dtype="bfloat16")
+    if precision == "float16":
+        return Policy(compute_dtype="float16", loss_scale=2.0**10)
+    raise ValueError(f"precision must be one of {PRECISIONS} or an fbp.training.step.Policy, got {precision!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _PolicyLoss(Loss):
+    """``loss`` on the model output cast to the policy's output dtype; dL/dpred back in the compute dtype.
+
+    The loss value (a mean over the batch) and its gradient are computed in
+    ``output_dtype`` (float32): in bfloat16, log-softmax and the batch mean lose
+    digits that a bfloat16 backward does not need to lose. Value and gradient
+    are multiplied by ``loss_scale`` (the value too, so that jax.grad of it in
+    the autodiff modes scales alike); the step divides both back in float32.
+    """
+
+    loss: Any
+    policy: Policy
+
+    def forward(self, pred, target):
+        value, cache = self.loss.forward(pred.astype(self.policy.output_dtype), target)
+        return (value * self.policy.loss_scale if self.policy.loss_scale != 1 else value), cache
+
+    def backward(self, cache):
+        dpred = self.loss.backward(cache)
+        if self.policy.loss_scale != 1:
+            dpred = dpred * self.policy.loss_scale
+        return dpred.astype(self.policy.compute_dtype)
+
+
 def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]))
+
+
+def _grads_finite(grad_norm: jax.Array, grads) -> jax.Array:
+    """Whether every gradient leaf is finite, read from the gradient norm the step computes anyway.
+
+    A NaN or Inf in any leaf makes the norm non-finite, so a finite norm needs
+    no other check. A non-finite norm from finite leaves (their squares
+    overflow, past ~1.8e19 in float32) is told apart by checking each leaf,
+    which runs only then (``lax.cond``).
+    """
+    return lax.cond(jnp.isfinite(grad_norm), lambda tree: jnp.array(True), _all_finite, grads)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainStep:
     """A jitted ``step(state, x, y) -> (state, metrics)``; ``.pure`` is the un-jitted function.
 
-    Call it like a function. ``train_epoch`` scans ``.pure`` over a stack of batches.
+    Call it like a function. ``train_epoch`` runs ``.pure`` over a stack of
+    batches, as one ``lax.scan`` or as a loop of jitted steps (``epoch_strategy``).
+
+    Attributes:
+      pure: ``(state, x, y) -> (state, metrics)``, traceable.
+      model: the layer (for error messages and the epoch strategy).
+      donate: donate the input state's buffers.
+      mesh: data parallelism, or None.
+      policy: the precision policy the step was built with (``get_policy``).
     """
 
     pure: Callable
     model: Any
     donate: bool = True
     mesh: Mesh | None = None
+    policy: Policy = Policy()
 
     def __post_init__(self):
         donate = 0 if self.donate else ()
@@ -87,9 +227,15 @@ class TrainStep:
         epoch_shardings = {} if self.mesh is None else parallel.jit_shardings(self.mesh, batch_axis=1)
         object.__setattr__(self, "_jitted", jax.jit(self.pure, donate_argnums=donate, **step_shardings))
         object.__setattr__(self, "_epoch", jax.jit(_scan_epoch(self.pure), donate_argnums=donate, **epoch_shardings))
+        object.__setattr__(self, "_checked", set())  # (shape, dtype) signatures of x and y that check_batch passed
+        object.__setattr__(self, "_strategies", {})  # epoch signature -> "scan" or "loop"
 
     def __call__(self, state: TrainState, x, y):
-        check_batch(self.model, x, y)
+        signature = _signature(x, y)
+        if signature is None or signature not in self._checked:  # Python-side checks once per new signature
+            check_batch(self.model, x, y)
+            if signature is not None:
+                self._checked.add(signature)
         if self.mesh is not None:
             state, x, y = parallel.place(self.mesh, state, x, y)
         return self._jitted(state, x, y)
@@ -101,11 +247,34 @@ class TrainStep:
         return self._jitted.lower(state, x, y)
 
 
+def _signature(x, y):
+    """``(x.shape, x.dtype, y.shape, y.dtype)`` for arrays, else None (check every call)."""
+    try:
+        return (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype)
+    except AttributeError:
+        return None
+
+
 def _scan_epoch(pure):
     def epoch(state, xs, ys):
         return jax.lax.scan(lambda s, batch: pure(s, *batch), state, (xs, ys))
 
     return epoch
+
+
+@jax.jit
+def _unstack(xs, ys):
+    """Every batch of a stack as its own array, in one dispatch: the loop then calls the very program that
+    ``step(state, x, y)`` runs, so its results are bit-identical to calling the step by hand."""
+    return list(xs), list(ys)
+
+
+@jax.jit
+def _stack_metrics(metrics: list[dict]) -> dict:
+    return jax.tree_util.tree_map(lambda *values: jnp.stack(values), *metrics)
+
+
+_copy_tree = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
 
 
 def make_train_step(
@@ -120,6 +289,7 @@ def make_train_step(
     skip_nonfinite: bool = True,
     donate: bool = True,
     mesh: Mesh | None = None,
+    precision: str | Policy = "float32",
 ) -> TrainStep:
     """Build the jitted train step ``step(state, x, y) -> (state, metrics)``.
 
@@ -135,13 +305,20 @@ def make_train_step(
       noise_multiplier: with clip_norm, add N(0, (noise_multiplier clip_norm)^2)
         to the summed gradient (Abadi et al. 2016); needs ``state.rng``.
       skip_nonfinite: when the loss or a gradient is NaN/Inf, keep the old
-        params and optimizer state (``metrics["finite"]`` is False) so a bad
-        batch never poisons the parameters. The caller decides whether to stop.
+        params and optimizer state (``metrics["finite"]`` is False; the step
+        count stays, the PRNG key advances) so a bad batch never poisons the
+        parameters. The caller decides whether to stop. The update runs under
+        a ``lax.cond`` on a flag read from the gradient norm, so the guard
+        costs a scalar test, not a select over the whole state.
       donate: donate the old state's buffers to the new one.
       mesh: data parallelism (``fbp.parallel.make_mesh``): split the batch over
         the mesh's devices, replicate the state, average the gradient across
         devices. Equals one device on the same global batch; the batch must
         divide by ``mesh.size``.
+      precision: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``
+        (mixed precision: float32 params and optimizer state; forward, backward
+        and caches in the low dtype; loss and norms in float32), or a
+        ``Policy`` (see ``get_policy``).
 
     Returns:
       A TrainStep. ``metrics`` holds ``loss``, ``grad_norm`` (of the applied
@@ -155,14 +332,24 @@ def make_train_step(
         raise ValueError(f"make_train_step: clip_norm must be > 0, got {clip_norm!r}")
     if noise_multiplier is not None and clip_norm is None:
         raise ValueError("make_train_step: noise_multiplier needs clip_norm (noise is scaled by it)")
-    takes_key = bool(getattr(model, "takes_key", False))
-    needs_rng = takes_key or noise_multiplier is not None
+    try:
+        policy = get_policy(precision)
+    except ValueError as error:
+        raise ValueError(f"make_train_step: {error}") from None
+    if policy.mixed:
+        loss = _PolicyLoss(loss, policy)
     if clip_norm is None:
-        compute = value_and_grad(model, loss, mode=grad, per_example=per_example)
+        compute = value_and_grad(model, loss, grad=grad, per_example=per_example)
     else:
-        clipped = clipped_value_and_grad(model, loss, clip_norm, mode=grad, per_example=per_example)
+        # a loss scale s scales every example's gradient: clip at s C, and the unscaled result is clipped at C
+        clipped = clipped_value_and_grad(model, loss, clip_norm * policy.loss_scale, grad=grad, per_example=per_example)
 
     def pure(state: TrainState, x, y):
+        params = state.params
+        if policy.mixed:
+            params, x = policy.cast_to_compute(params), policy.cast_to_compute(x)
+        takes_key = uses_key(model, params, x, state.rng)  # the model draws randomness (dropout)
+        needs_rng = takes_key or noise_multiplier is not None
         if needs_rng and state.rng is None:
             raise ValueError(
                 f"{describe(model)}: this step needs randomness (dropout or DP noise); "
@@ -174,52 +361,147 @@ def make_train_step(
         dropout_key = dropout_key if takes_key else None
         metrics = {}
         if clip_norm is None:
-            value, grads = compute(state.params, x, y, dropout_key)
+            value, grads = compute(params, x, y, dropout_key)
         else:
-            value, grads, norms = clipped(state.params, x, y, dropout_key)
-            metrics["clipped_fraction"] = jnp.mean(norms > clip_norm)
-            if noise_multiplier is not None:
-                grads = add_dp_noise(
-                    grads, noise_key, clip_norm=clip_norm, noise_multiplier=noise_multiplier, batch_size=x.shape[0]
-                )
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(params, opt_state, state.step + 1, rng)
+            value, grads, norms = clipped(params, x, y, dropout_key)
+            metrics["clipped_fraction"] = jnp.mean(norms > clip_norm * policy.loss_scale)
+        if policy.mixed:  # the gradient in the params' dtype, unscaled, before anything adds it up
+            grads = policy.cast_to_param(grads)
+            if policy.loss_scale != 1:
+                value = value / policy.loss_scale
+                grads = jax.tree_util.tree_map(lambda g: g / policy.loss_scale, grads)
+        if noise_multiplier is not None:
+            grads = add_dp_noise(
+                grads, noise_key, clip_norm=clip_norm, noise_multiplier=noise_multiplier, batch_size=x.shape[0]
+            )
         metrics["loss"] = value
         metrics["grad_norm"] = optax.tree.norm(grads)
-        if skip_nonfinite:
-            finite = jnp.isfinite(value) & _all_finite(grads)
-            keep_old = state.replace(rng=rng)  # advance the key even when skipping
-            new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, keep_old)
-            metrics["finite"] = finite
-        return new_state, metrics
 
-    return TrainStep(pure, model, donate, mesh)
+        def update(state):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1, rng)
+
+        if not skip_nonfinite:
+            return update(state), metrics
+        finite = jnp.isfinite(value) & _grads_finite(metrics["grad_norm"], grads)
+        metrics["finite"] = finite
+        # the update runs only when finite; else the old state, with the key advanced
+        return lax.cond(finite, update, lambda state: state.replace(rng=rng), state), metrics
+
+    return TrainStep(pure, model, donate, mesh, policy)
 
 
-def train_epoch(step: TrainStep, state: TrainState, xs, ys):
-    """Run a whole epoch of batches in one compiled program (lax.scan over the step).
+def epoch_strategy(step: TrainStep, state: TrainState, xs, ys) -> str:
+    """How ``train_epoch(step, state, xs, ys)`` runs by default: ``"scan"`` or ``"loop"``, decided once per
+    input signature and kept on the step.
+
+    On CPU a rule decides, from measurements (benchmarks/RESULTS.md): a model
+    with a convolution runs as a loop of jitted steps, since XLA:CPU runs
+    convolution gradients inside a while loop several times slower than at the
+    top level (jax-ml/jax#12868: the 28x28 CNN at batch 128 took 24x the loop's
+    time per step, the 8x8 digits CNN 3.5x); any other model runs as one scan,
+    which saves the per-step dispatch (0.6x the loop's time on the 64-128-128-10
+    MLP at batch 32). On other backends (where a while loop may sync with the
+    host every iteration, jax-ml/jax#2491) both run once on a copy of the state
+    after compiling, and the faster is kept.
+    """
+    key = _epoch_signature(state, xs, ys)
+    if key not in step._strategies:
+        devices = step.mesh.devices.flat if step.mesh is not None else jax.devices()
+        if next(iter(devices)).platform == "cpu":
+            chosen = "loop" if _has_convolution(step, state, xs, ys) else "scan"
+        else:
+            chosen = _measure_strategies(step, state, xs, ys)
+        step._strategies[key] = chosen
+    return step._strategies[key]
+
+
+def _epoch_signature(state, xs, ys):
+    avals = [(jnp.shape(leaf), jnp.result_type(leaf)) for leaf in jax.tree_util.tree_leaves((state, xs, ys))]
+    return jax.tree_util.tree_structure(state), tuple(avals)
+
+
+def _has_convolution(step: TrainStep, state: TrainState, xs, ys) -> bool:
+    """Whether the model's forward pass holds a convolution (read from a trace of ``apply`` on shapes alone)."""
+    abstract = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+    params = jax.tree_util.tree_map(abstract, state.params)
+    x = jax.ShapeDtypeStruct(jnp.shape(xs)[1:], jnp.result_type(xs))
+    jaxpr = jax.make_jaxpr(lambda p, x: step.model.apply(p, x))(params, x).jaxpr
+    return _holds_primitive(jaxpr, "conv_general_dilated")
+
+
+def _holds_primitive(jaxpr, name: str) -> bool:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == name:
+            return True
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns") and _holds_primitive(inner, name):
+                    return True
+    return False
+
+
+def _measure_strategies(step: TrainStep, state: TrainState, xs, ys) -> str:
+    """Time one epoch of each strategy on copies of ``state`` (after a first, compiling run); the faster."""
+    times = {}
+    for strategy in ("loop", "scan"):
+        for _ in range(2):  # the first run compiles
+            start = time.perf_counter()
+            jax.block_until_ready(_epoch_by(step, strategy, _copy_tree(state), xs, ys))
+            times[strategy] = time.perf_counter() - start
+    return min(times, key=times.get)
+
+
+def _epoch_by(step: TrainStep, strategy: str, state: TrainState, xs, ys):
+    if strategy == "scan":
+        return step._epoch(state, xs, ys)
+    # one step in flight on forced CPU devices with all-reduces, as parallel.place does for a step
+    wait = step.mesh is not None and step.mesh.size > 1 and step.mesh.devices.flat[0].platform == "cpu"
+    metrics = []
+    for x, y in zip(*_unstack(xs, ys)):
+        state, step_metrics = step._jitted(state, x, y)
+        metrics.append(step_metrics)
+        if wait:
+            jax.block_until_ready(state)
+    return state, _stack_metrics(metrics)
+
+
+def train_epoch(step: TrainStep, state: TrainState, xs, ys, *, strategy: str = "auto"):
+    """Run a whole epoch of batches: every step compiled once, the metrics stacked.
 
     Args:
       step: from ``make_train_step``.
       state: the TrainState.
       xs: ``(num_batches, batch, ...)`` device-resident inputs.
       ys: ``(num_batches, batch, ...)`` targets.
+      strategy: ``"scan"`` (one compiled ``lax.scan`` over the batches),
+        ``"loop"`` (a Python loop of the jitted step, dispatched
+        asynchronously: no host sync until the metrics are read), or
+        ``"auto"`` (default): the one ``epoch_strategy`` picks for this model
+        and backend. All give results bit-identical to calling ``step`` on
+        each batch in turn.
 
     Returns:
       (state, metrics) with every metric stacked over batches: ``(num_batches,)``.
     """
     if not isinstance(step, TrainStep):
         raise TypeError(f"train_epoch: expected the TrainStep from make_train_step, got {type(step).__name__}")
+    if strategy not in EPOCH_STRATEGIES:
+        raise ValueError(f"train_epoch: strategy must be one of {EPOCH_STRATEGIES}, got {strategy!r}")
     xs_shape, ys_shape = jnp.shape(xs), jnp.shape(ys)
     if len(xs_shape) < 2 or len(ys_shape) < 2 or xs_shape[:2] != ys_shape[:2]:
         raise ValueError(
             f"train_epoch: expected xs (num_batches, batch, ...) and ys with the same two leading axes, "
             f"got {xs_shape} and {ys_shape}"
         )
+    if xs_shape[0] == 0:
+        raise ValueError(f"train_epoch: no batches (xs has shape {xs_shape})")
     if step.mesh is not None:
         state, xs, ys = parallel.place(step.mesh, state, xs, ys, batch_axis=1)
-    return step._epoch(state, xs, ys)
+    if strategy == "auto":
+        strategy = epoch_strategy(step, state, xs, ys)
+    return _epoch_by(step, strategy, state, xs, ys)
 
 
 def _default_loss(y):
