@@ -1,5 +1,6 @@
 """``fbp train`` end to end: outputs, exit codes and messages, resume after SIGKILL, and the scripts."""
 
+import importlib
 import json
 import os
 import runpy
@@ -150,7 +151,7 @@ def test_a_known_failure_is_one_line_and_debug_adds_the_traceback(tmp_path, caps
 
 
 def test_an_unexpected_error_is_one_line_that_says_how_to_see_more(tmp_path, capsys, monkeypatch):
-    from fbp.training import fit as trainer
+    trainer = importlib.import_module("fbp.training.fit")  # the module: fbp.training.fit is also the function
 
     def broken(config):
         raise RuntimeError("something inside broke")
