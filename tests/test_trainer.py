@@ -79,6 +79,19 @@ def test_a_fresh_run_refuses_to_delete_foreign_files(tmp_path):
     assert (tmp_path / "checkpoints" / "notes.txt").exists()
 
 
+def test_fit_trains_a_cnn_in_bfloat16_as_a_loop_of_steps(tmp_path):
+    # on CPU a model with convolutions runs its epochs as a loop of the jitted step (epoch_strategy)
+    config = dataclasses.replace(TINY, model="cnn:4", epochs=2, precision="bfloat16", out=str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fit(config)
+    assert not [w for w in caught if issubclass(w.category, RetraceWarning)]
+    assert [line["step"] for line in result.history] == [22, 44] and result.history[-1]["skipped"] == 0
+    assert result.history[-1]["test_accuracy"] > 0.5  # two epochs of a 4-channel CNN: ~0.8; chance is 0.1
+    assert json.loads((tmp_path / "config.json").read_text())["precision"] == "bfloat16"
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(result.state.params)} == {jnp.dtype("float32")}
+
+
 def _regression(poison: bool):
     ds = data.synthetic_regression(jax.random.PRNGKey(0), num_examples=200)  # 160 train: 5 full batches of 32
     if poison:
@@ -177,8 +190,9 @@ def test_check_gradients_aborts_on_a_wrong_backward(tmp_path, monkeypatch):
         ({"clip_norm": 1.0}, r"needs per_example \(--per-example\)"),
         ({"per_example": True, "noise_multiplier": 1.0}, r"needs clip_norm \(--clip-norm\)"),
         ({"devices": 3, "batch_size": 32}, "devices must be >= 1 and divide batch_size 32"),
-        ({"model": "rnn"}, "expected mlp"),
+        ({"model": "resnet"}, "got kind .resnet."),
         ({"on_nonfinite": "ignore"}, "on_nonfinite must be one of stop, skip"),
+        ({"precision": "fp8"}, "precision must be one of float32, bfloat16, float16"),
     ],
 )
 def test_config_validation(changes, match):
@@ -212,7 +226,7 @@ def test_models_build_from_specs():
         ("cnn:4,4,4,4", (8, 8, 1), "halve"),
         ("mlp:12,x", (4,), "expected positive integer widths"),
         ("mlp:0", (4,), "expected positive integer widths"),
-        ("transformer", (4,), "got kind 'transformer'"),
+        ("resnet", (4,), "got kind 'resnet'"),
     ],
 )
 def test_models_bad_specs(spec, shape, match):

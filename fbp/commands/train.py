@@ -10,6 +10,7 @@ import argparse
 
 from fbp import data
 from fbp.training.fit import DEFAULT_LR, OPTIMIZERS, TrainConfig
+from fbp.training.step import PRECISIONS
 
 _DEFAULTS = TrainConfig()
 
@@ -52,6 +53,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--check-gradients", action="store_true",
                         help="check the gradients on the first batch before training; abort if wrong")
     parser.add_argument("--devices", type=int, help="data-parallel over this many devices")
+    parser.add_argument("--precision", choices=PRECISIONS, default=_DEFAULTS.precision,
+                        help="compute dtype of forward and backward; params and optimizer state stay float32, "
+                             "loss and norms accumulate in float32 (default: %(default)s)")
     parser.add_argument("--on-nonfinite", choices=("stop", "skip"), default=_DEFAULTS.on_nonfinite,
                         help="on a NaN/Inf loss or gradient: stop, or skip that update (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="print only errors; no progress bar")
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, grad=args.grad, per_example=args.per_example,
         clip_norm=args.clip_norm, noise_multiplier=args.noise_multiplier, seed=args.seed, out=args.out,
         resume=args.resume, check_gradients=args.check_gradients, devices=args.devices,
-        on_nonfinite=args.on_nonfinite, quiet=args.quiet,
+        on_nonfinite=args.on_nonfinite, quiet=args.quiet, precision=args.precision,
     )
     try:
         config.validate()

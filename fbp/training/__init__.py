@@ -11,16 +11,30 @@ Imports run one way: step <- fit, and log/checkpoint <- fit.
 
 from fbp.training import checkpoint, log
 from fbp.training.fit import TrainConfig, TrainResult, fit
-from fbp.training.step import TrainState, TrainStep, evaluate, make_train_step, train_epoch
+from fbp.training.step import (
+    PRECISIONS,
+    Policy,
+    TrainState,
+    TrainStep,
+    epoch_strategy,
+    evaluate,
+    get_policy,
+    make_train_step,
+    train_epoch,
+)
 
 __all__ = [
+    "PRECISIONS",
+    "Policy",
     "TrainConfig",
     "TrainResult",
     "TrainState",
     "TrainStep",
     "checkpoint",
+    "epoch_strategy",
     "evaluate",
     "fit",
+    "get_policy",
     "log",
     "make_train_step",
     "train_epoch",

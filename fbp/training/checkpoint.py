@@ -140,6 +140,8 @@ def save(directory: str | os.PathLike, epoch: int, state, *, metadata: dict | No
     for step, path in _steps(directory):  # an incomplete step (killed before meta.json), or this epoch again
         if step == epoch or not (path / META).is_file():
             shutil.rmtree(path)
+    for stale in directory.glob(".partial-*"):  # what a save killed under fbp 0.1 left behind
+        shutil.rmtree(stale, ignore_errors=True)
     state = jax.device_get(state)
     manager = _manager(directory, keep)
     try:

@@ -5,7 +5,8 @@
 
 Each epoch: the training set in an order drawn from ``(seed, epoch)`` (so a
 resumed run sees the same batches as an uninterrupted one), cut into full
-batches and run through ``fbp.train_epoch`` (one lax.scan) in about ten
+batches and run through ``fbp.train_epoch`` (one lax.scan, or a loop of the
+jitted step for a model with convolutions on CPU: ``epoch_strategy``) in about ten
 chunks, for a live progress bar; then the test set is evaluated, a line goes
 to ``metrics.jsonl`` and the state is checkpointed (``fbp.training.checkpoint``).
 
@@ -36,12 +37,20 @@ import optax
 
 from fbp import data, models
 from fbp.check import GradientCheckError, check_gradients
-from fbp.grads import GRAD_MODES, value_and_grad
+from fbp.grads import GRAD_MODES
 from fbp.layers.base import uses_key
 from fbp.losses import MSE, SoftmaxCrossEntropy
 from fbp.training import checkpoint
 from fbp.training import log as run_log
-from fbp.training.step import TrainState, TrainStep, evaluate, make_train_step, train_epoch
+from fbp.training.step import (
+    PRECISIONS,
+    TrainState,
+    TrainStep,
+    evaluate,
+    make_train_step,
+    train_epoch,
+    value_and_grad_with_policy,
+)
 
 OPTIMIZERS = {
     "sgd": optax.sgd,
@@ -74,7 +83,9 @@ class TrainConfig:
       on_nonfinite: ``"stop"`` or ``"skip"`` on a NaN/Inf loss or gradient.
       quiet: print nothing but errors (no progress bar).
       keep_checkpoints: how many of the newest checkpoints to keep.
-      chunks_per_epoch: the epoch runs as this many scans, to update the progress bar.
+      chunks_per_epoch: the epoch runs as this many ``train_epoch`` calls, to update the progress bar.
+      precision: ``float32``, or ``bfloat16`` / ``float16`` for mixed precision (float32 params and
+        optimizer state; forward, backward and caches in the low dtype): ``fbp.make_train_step(precision=)``.
     """
 
     data: str = "digits"
@@ -97,6 +108,7 @@ class TrainConfig:
     quiet: bool = False
     keep_checkpoints: int = 3
     chunks_per_epoch: int = 10
+    precision: str = "float32"
 
     def __post_init__(self):
         if self.out is not None:  # absolute once, here: orbax refuses relative paths, and cwd may change
@@ -105,7 +117,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
         data.check_name(self.data)  # one of data.DATASETS, or text:PATH
-        choices = {"optimizer": tuple(OPTIMIZERS), "grad": GRAD_MODES, "on_nonfinite": ("stop", "skip")}
+        choices = {"optimizer": tuple(OPTIMIZERS), "grad": GRAD_MODES, "on_nonfinite": ("stop", "skip"),
+                   "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -211,7 +224,7 @@ def first_nonfinite(value, grads) -> str | None:
 
 def _make_step(model, loss, optimizer, config: TrainConfig) -> TrainStep:
     options = {"grad": config.grad, "per_example": config.per_example, "clip_norm": config.clip_norm,
-               "noise_multiplier": config.noise_multiplier}
+               "noise_multiplier": config.noise_multiplier, "precision": config.precision}
     if config.devices is None:
         return make_train_step(model, loss, optimizer, **options)
     try:
@@ -230,9 +243,9 @@ def _diagnose(step: TrainStep, loss, config: TrainConfig, state, xs, ys, index: 
     for j in range(index):
         state, _ = step(state, xs[j], ys[j])
     key = state.rng if uses_key(model, state.params, xs[index], state.rng) else None
-    value, grads = value_and_grad(model, loss, grad=config.grad, per_example=config.per_example)(
-        state.params, xs[index], ys[index], key
-    )
+    # the gradient as the step computes it: under its precision policy (casts, loss scale)
+    value, grads = value_and_grad_with_policy(model, loss, step.policy, grad=config.grad,
+                                              per_example=config.per_example)(state.params, xs[index], ys[index], key)
     leaf = first_nonfinite(value, grads)
     if leaf is None:
         return "update (the clipped or noised gradient)"
@@ -269,7 +282,8 @@ def _clear_checkpoints(folder: Path) -> None:
 
 
 def _run_epoch(guard: RetraceGuard, state, batches: data.Batches, chunk: int, context: dict, say: run_log.Progress):
-    """One epoch as scans of ``chunk`` steps. Returns (state, finite training losses, skipped updates)."""
+    """One epoch as ``train_epoch`` calls of ``chunk`` steps each, in the strategy it picks for the model and
+    backend (a scan, or a loop of the jitted step). Returns (state, finite training losses, skipped updates)."""
     config, epoch = context["config"], context["epoch"]
     num_batches = batches.xs.shape[0]
     losses, skipped = [], 0
@@ -338,12 +352,13 @@ def fit(config: TrainConfig, dataset: data.Dataset | None = None, *, log: Callab
         data.save_vocabulary(out, dataset)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
     run_log.write_history(out / "metrics.jsonl", history)
-    # equal chunks (the largest divisor of num_batches up to chunks_per_epoch), so one compile serves them all
+    # equal chunks (the largest divisor of num_batches up to chunks_per_epoch), so that one compile of the
+    # scan serves them all (the loop strategy compiles the step alone)
     num_chunks = max(d for d in range(1, min(config.chunks_per_epoch, num_batches) + 1) if num_batches % d == 0)
     x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
     guard = RetraceGuard(step)
     # evaluate's accuracy counts per example; labels per step (text, copy) report loss only
-    metric_names = ("loss", "accuracy") if classification and not dataset.per_step else ("loss",)
+    metric_names = ("loss", "accuracy") if classification else ("loss",)
     say = run_log.Progress(max(0, config.epochs - start_epoch) * num_batches, config.quiet)
     say_line = log or say.write
     try:

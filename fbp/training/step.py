@@ -7,12 +7,14 @@
 
 ``train_epoch`` runs the epoch as one compiled ``lax.scan`` or as a Python loop
 of the jitted step (asynchronous dispatch), whichever is faster for the model
-and backend (``epoch_strategy``); both give bit-identical results.
+and backend (``epoch_strategy``); its results are bit-identical to calling the
+step on each batch in turn.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -25,7 +27,7 @@ from jax import lax
 from jax.sharding import Mesh
 
 from fbp import parallel
-from fbp.grads import MODES, check_batch, clipped_value_and_grad, value_and_grad
+from fbp.grads import MODES, check_batch, check_is_layer, check_is_loss, clipped_value_and_grad, value_and_grad
 from fbp.grads import clip_and_average as clip_and_average  # noqa: PLC0414 - explicit re-export: it lived here before
 from fbp.layers.base import describe, uses_key
 from fbp.losses import MSE, Loss, SoftmaxCrossEntropy
@@ -56,14 +58,29 @@ class TrainState(NamedTuple):
         The state holds copies of ``params``: the train step donates its input
         state, and the caller's arrays must survive that.
         """
-        if not hasattr(optimizer, "init") or not hasattr(optimizer, "update"):
-            raise TypeError(f"TrainState.create: expected an optax GradientTransformation, got {type(optimizer).__name__}")
+        if params is None:
+            raise TypeError("TrainState.create: params is None; pass the params that model.init(key, x) returned")
+        _check_optimizer(optimizer, "TrainState.create")
         params = jax.tree_util.tree_map(jnp.array, params)  # jnp.array copies
         rng = None if rng is None else jnp.array(rng)
         return cls(params, optimizer.init(params), jnp.zeros((), jnp.int32), rng)
 
     def replace(self, **changes) -> TrainState:
         return self._replace(**changes)
+
+
+def _check_optimizer(optimizer, where: str) -> None:
+    """Raise TypeError unless ``optimizer`` is an optax GradientTransformation (its init and update callable)."""
+    if isinstance(optimizer, optax.GradientTransformation) or (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
+        return
+    name = getattr(optimizer, "__name__", None)
+    hint = f"; did you forget to call it: {name}(learning_rate)?" if callable(optimizer) and name else ""
+    raise TypeError(
+        f"{where}: expected an optax GradientTransformation (with init and update), got {type(optimizer).__name__}"
+        f"{hint}"
+    )
 
 
 def add_dp_noise(grads, key, *, clip_norm: float, noise_multiplier: float, batch_size: int):
@@ -183,6 +200,30 @@ class _PolicyLoss(Loss):
         if self.policy.loss_scale != 1:
             dpred = dpred * self.policy.loss_scale
         return dpred.astype(self.policy.compute_dtype)
+
+
+def value_and_grad_with_policy(model, loss, policy: Policy, **options) -> Callable:
+    """``fbp.value_and_grad(model, loss, **options)`` under ``policy``: ``f(params, x, y, key=None)``.
+
+    Params and floating inputs are cast to the compute dtype, the loss is taken
+    in the output dtype, and the gradient comes back in the params' dtype with
+    the loss scale divided out: the gradient the train step applies.
+    """
+    if not policy.mixed:
+        return value_and_grad(model, loss, **options)
+    inner = value_and_grad(model, _PolicyLoss(loss, policy), **options)
+
+    def f(params, x, y, key=None):
+        value, grads = inner(policy.cast_to_compute(params), policy.cast_to_compute(x), y, key)
+        return _unscale(policy, value, policy.cast_to_param(grads))
+
+    return f
+
+
+def _unscale(policy: Policy, value, grads):
+    if policy.loss_scale == 1:
+        return value, grads
+    return value / policy.loss_scale, jax.tree_util.tree_map(lambda g: g / policy.loss_scale, grads)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -324,6 +365,9 @@ def make_train_step(
       A TrainStep. ``metrics`` holds ``loss``, ``grad_norm`` (of the applied
       gradient), ``finite``, and with clipping ``clipped_fraction``.
     """
+    check_is_layer(model, "make_train_step")
+    check_is_loss(loss, "make_train_step")
+    _check_optimizer(optimizer, "make_train_step")
     if grad not in MODES:
         raise ValueError(f"make_train_step: grad must be one of {MODES}, got {grad!r}")
     if clip_norm is not None and not per_example:
@@ -332,23 +376,22 @@ def make_train_step(
         raise ValueError(f"make_train_step: clip_norm must be > 0, got {clip_norm!r}")
     if noise_multiplier is not None and clip_norm is None:
         raise ValueError("make_train_step: noise_multiplier needs clip_norm (noise is scaled by it)")
+    is_number = isinstance(noise_multiplier, (int, float, np.number))
+    if noise_multiplier is not None and not (is_number and noise_multiplier >= 0):
+        raise ValueError(f"make_train_step: noise_multiplier must be a number >= 0, got {noise_multiplier!r}")
     try:
         policy = get_policy(precision)
     except ValueError as error:
         raise ValueError(f"make_train_step: {error}") from None
-    if policy.mixed:
-        loss = _PolicyLoss(loss, policy)
     if clip_norm is None:
-        compute = value_and_grad(model, loss, grad=grad, per_example=per_example)
+        compute = value_and_grad_with_policy(model, loss, policy, grad=grad, per_example=per_example)
     else:
         # a loss scale s scales every example's gradient: clip at s C, and the unscaled result is clipped at C
-        clipped = clipped_value_and_grad(model, loss, clip_norm * policy.loss_scale, grad=grad, per_example=per_example)
+        clipped = clipped_value_and_grad(model, _PolicyLoss(loss, policy) if policy.mixed else loss,
+                                         clip_norm * policy.loss_scale, grad=grad, per_example=per_example)
 
     def pure(state: TrainState, x, y):
-        params = state.params
-        if policy.mixed:
-            params, x = policy.cast_to_compute(params), policy.cast_to_compute(x)
-        takes_key = uses_key(model, params, x, state.rng)  # the model draws randomness (dropout)
+        takes_key = uses_key(model, state.params, x, state.rng)  # the model draws randomness (dropout)
         needs_rng = takes_key or noise_multiplier is not None
         if needs_rng and state.rng is None:
             raise ValueError(
@@ -361,15 +404,14 @@ def make_train_step(
         dropout_key = dropout_key if takes_key else None
         metrics = {}
         if clip_norm is None:
-            value, grads = compute(params, x, y, dropout_key)
+            value, grads = compute(state.params, x, y, dropout_key)
         else:
-            value, grads, norms = clipped(params, x, y, dropout_key)
+            params, inputs = (policy.cast_to_compute(state.params), policy.cast_to_compute(x)) if policy.mixed \
+                else (state.params, x)
+            value, grads, norms = clipped(params, inputs, y, dropout_key)
             metrics["clipped_fraction"] = jnp.mean(norms > clip_norm * policy.loss_scale)
-        if policy.mixed:  # the gradient in the params' dtype, unscaled, before anything adds it up
-            grads = policy.cast_to_param(grads)
-            if policy.loss_scale != 1:
-                value = value / policy.loss_scale
-                grads = jax.tree_util.tree_map(lambda g: g / policy.loss_scale, grads)
+            # the gradient in the params' dtype, unscaled, before anything adds it up
+            value, grads = _unscale(policy, value, policy.cast_to_param(grads))
         if noise_multiplier is not None:
             grads = add_dp_noise(
                 grads, noise_key, clip_norm=clip_norm, noise_multiplier=noise_multiplier, batch_size=x.shape[0]
@@ -407,8 +449,7 @@ def epoch_strategy(step: TrainStep, state: TrainState, xs, ys) -> str:
     """
     key = _epoch_signature(state, xs, ys)
     if key not in step._strategies:
-        devices = step.mesh.devices.flat if step.mesh is not None else jax.devices()
-        if next(iter(devices)).platform == "cpu":
+        if _platform(step) == "cpu":
             chosen = "loop" if _has_convolution(step, state, xs, ys) else "scan"
         else:
             chosen = _measure_strategies(step, state, xs, ys)
@@ -417,8 +458,8 @@ def epoch_strategy(step: TrainStep, state: TrainState, xs, ys) -> str:
 
 
 def _epoch_signature(state, xs, ys):
-    avals = [(jnp.shape(leaf), jnp.result_type(leaf)) for leaf in jax.tree_util.tree_leaves((state, xs, ys))]
-    return jax.tree_util.tree_structure(state), tuple(avals)
+    leaves, treedef = jax.tree_util.tree_flatten((state, xs, ys))
+    return treedef, tuple((getattr(leaf, "shape", None), getattr(leaf, "dtype", type(leaf))) for leaf in leaves)
 
 
 def _has_convolution(step: TrainStep, state: TrainState, xs, ys) -> bool:
@@ -453,17 +494,29 @@ def _measure_strategies(step: TrainStep, state: TrainState, xs, ys) -> str:
     return min(times, key=times.get)
 
 
+def _platform(step: TrainStep) -> str:
+    return next(iter(step.mesh.devices.flat if step.mesh is not None else jax.devices())).platform
+
+
 def _epoch_by(step: TrainStep, strategy: str, state: TrainState, xs, ys):
     if strategy == "scan":
         return step._epoch(state, xs, ys)
+    # On one CPU device the batches are numpy views of the stack and the metrics are stacked on the host: the
+    # step's own program runs on them as on device arrays, and nothing else compiles (a slicing or stacking
+    # program costs about as much to compile as a short epoch of a small model costs to run).
+    host = step.mesh is None and _platform(step) == "cpu"
+    batches = zip(np.asarray(xs), np.asarray(ys)) if host else zip(*_unstack(xs, ys))
     # one step in flight on forced CPU devices with all-reduces, as parallel.place does for a step
-    wait = step.mesh is not None and step.mesh.size > 1 and step.mesh.devices.flat[0].platform == "cpu"
+    wait = step.mesh is not None and step.mesh.size > 1 and _platform(step) == "cpu"
     metrics = []
-    for x, y in zip(*_unstack(xs, ys)):
+    for x, y in batches:
         state, step_metrics = step._jitted(state, x, y)
         metrics.append(step_metrics)
         if wait:
             jax.block_until_ready(state)
+    if host:
+        stacked = jax.tree_util.tree_map(lambda *values: np.stack(values), *jax.device_get(metrics))
+        return state, jax.tree_util.tree_map(jnp.asarray, stacked)
     return state, _stack_metrics(metrics)
 
 
@@ -479,8 +532,11 @@ def train_epoch(step: TrainStep, state: TrainState, xs, ys, *, strategy: str = "
         ``"loop"`` (a Python loop of the jitted step, dispatched
         asynchronously: no host sync until the metrics are read), or
         ``"auto"`` (default): the one ``epoch_strategy`` picks for this model
-        and backend. All give results bit-identical to calling ``step`` on
-        each batch in turn.
+        and backend. The loop runs the very program ``step(state, x, y)`` runs,
+        so its results are bit-identical to calling ``step`` on each batch in
+        turn; so are the scan's wherever XLA compiles the step alike inside a
+        while loop (tested for MLPs on CPU; not XLA:CPU's convolution
+        gradients, which "auto" runs as a loop).
 
     Returns:
       (state, metrics) with every metric stacked over batches: ``(num_batches,)``.
@@ -508,17 +564,23 @@ def _default_loss(y):
     return SoftmaxCrossEntropy() if jnp.issubdtype(jnp.result_type(y), jnp.integer) else MSE()
 
 
-def _accuracy_count(pred, y):
+def _hits(pred, y):
+    """Elementwise correct predictions: one per label (per example, or per step of a sequence)."""
     if jnp.issubdtype(y.dtype, jnp.integer):
         if pred.shape == y.shape:  # one logit per binary target
-            return jnp.sum((pred > 0) == (y > 0))
-        return jnp.sum(jnp.argmax(pred, -1) == y)
+            return (pred > 0) == (y > 0)
+        return jnp.argmax(pred, -1) == y
     if pred.shape[-1] > 1:  # one-hot / probabilities
-        return jnp.sum(jnp.argmax(pred, -1) == jnp.argmax(y, -1))
-    return jnp.sum((pred > 0) == (y > 0.5))
+        return jnp.argmax(pred, -1) == jnp.argmax(y, -1)
+    return (pred > 0) == (y > 0.5)
 
 
-_EVAL_CACHE: dict = {}
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _eval_sums(model, loss, params, x, y):
+    """(loss summed over examples, correct labels, labels) of one batch; compiled once per model, loss, shape."""
+    pred = model.apply(params, x)
+    hits = _hits(pred, y)
+    return loss(pred, y) * x.shape[0], jnp.sum(hits), hits.size
 
 
 def evaluate(model, params, x, y, *, loss=None, metrics=("loss", "accuracy"), batch_size: int = 1024) -> dict:
@@ -529,7 +591,8 @@ def evaluate(model, params, x, y, *, loss=None, metrics=("loss", "accuracy"), ba
       params: its parameters.
       x: ``(n, ...)`` inputs. y: ``(n, ...)`` targets.
       loss: defaults to SoftmaxCrossEntropy for integer labels, else MSE.
-      metrics: any of ``"loss"``, ``"accuracy"`` (argmax vs label; sign for one logit).
+      metrics: any of ``"loss"``, ``"accuracy"`` (argmax vs label; sign for one logit; with a label
+        per sequence step, the fraction of steps right).
       batch_size: examples per compiled batch (the tail runs as one smaller batch).
 
     Returns:
@@ -540,20 +603,14 @@ def evaluate(model, params, x, y, *, loss=None, metrics=("loss", "accuracy"), ba
     if unknown:
         raise ValueError(f"evaluate: unknown metrics {sorted(unknown)}; choose from ['accuracy', 'loss']")
     loss = _default_loss(y) if loss is None else loss
-    key = (model, loss)
-    if key not in _EVAL_CACHE:
-
-        def sums(params, x, y):
-            pred = model.apply(params, x)
-            return loss(pred, y) * x.shape[0], _accuracy_count(pred, y)
-
-        _EVAL_CACHE[key] = jax.jit(sums)
-    sums = _EVAL_CACHE[key]
     n = jnp.shape(x)[0]
-    total_loss, correct = 0.0, 0
+    total_loss, correct, labels = 0.0, 0, 0
     for start in range(0, n, batch_size):
-        batch_loss, batch_correct = sums(params, x[start : start + batch_size], y[start : start + batch_size])
+        batch_loss, batch_correct, batch_labels = _eval_sums(
+            model, loss, params, x[start : start + batch_size], y[start : start + batch_size]
+        )
         total_loss += float(batch_loss)
         correct += int(batch_correct)
-    out = {"loss": total_loss / n, "accuracy": correct / n}
+        labels += int(batch_labels)
+    out = {"loss": total_loss / n, "accuracy": correct / max(labels, 1)}
     return {name: out[name] for name in metrics}
