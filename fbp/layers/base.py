@@ -86,7 +86,8 @@ class LayerProtocol(Protocol):
       (backward is linear in dy and examples do not mix). Dense and Conv2D
       weigh their input instead (``weighted_grads_from_input``).
     - ``per_example_backward(params, cache, dy) -> (sq_norms, dx, weighted_grads)``:
-      for combinators, one backward walk giving the two above for the whole
+      for combinators (and layers with an expensive backward, such as the
+      recurrent ones), one backward walk giving the two above for the whole
       layer, with ``weighted_grads(weights) -> dparams``. Fallback
       (``call_per_example_backward``): ``backward`` for dx, then the two hooks
       above or their fallbacks (for a combinator without it: on the whole).
