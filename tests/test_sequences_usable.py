@@ -223,3 +223,15 @@ def test_train_rejects_an_unknown_data_name(capsys):
         main(["train", "--data", "cifar"])
     assert exit_info.value.code == 2
     assert "data must be one of digits" in capsys.readouterr().err
+
+
+def test_sequence_benchmark_smoke(capsys):
+    import runpy
+    from pathlib import Path
+
+    sequences = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" / "sequences.py"))
+    assert sequences["main"](["--quick", "--round-seconds", "0.01"]) == 0
+    out = capsys.readouterr().out
+    for variant in sequences["VARIANTS"]:
+        assert out.count(f"| {variant} |") == len(sequences["QUICK"])
+    assert out.count("targets: manual / autodiff") == len(sequences["QUICK"])

@@ -1,0 +1,110 @@
+"""Train-step benchmark of the sequence layers: GRU, LSTM and a small transformer.
+
+    python -m benchmarks.sequences [--rounds 5] [--round-seconds 0.25] [--quick]
+
+For each config, in interleaved rounds in one process (``fbp.bench.timing``):
+the manual step (hand-written backward, reverse lax.scan / FlashAttention-style
+recompute), the same model under jax.grad (``grad="autodiff"``: autodiff of
+the same forward, a lax.scan for the recurrent cells, plain softmax attention),
+the per-example averaged step and the clipped step. Temp memory comes from
+XLA's ``memory_analysis()`` of each compiled step. Prints a markdown table with
+the ratios the issues set as targets (manual <= 1.05x autodiff, per-example
+<= 1.10x, clipped <= 1.5x the manual step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+
+import jax
+import optax
+
+import fbp
+from fbp.bench.timing import Variant, measure
+
+CONFIGS = {
+    "gru b64 t50 f8 h64": {"kind": "gru", "batch": 64, "time": 50, "features": 8, "hidden": 64},
+    "lstm b64 t50 f8 h64": {"kind": "lstm", "batch": 64, "time": 50, "features": 8, "hidden": 64},
+    "lstm b64 t100 f8 h64": {"kind": "lstm", "batch": 64, "time": 100, "features": 8, "hidden": 64},
+    "transformer d128 2 blocks t128 b8": {
+        "kind": "transformer", "batch": 8, "time": 128, "d_model": 128, "blocks": 2, "vocab": 64,
+    },
+}
+QUICK = {"gru b4 t5 f3 h8": {"kind": "gru", "batch": 4, "time": 5, "features": 3, "hidden": 8}}  # the smoke test
+VARIANTS = {
+    "manual": {"grad": "manual"},
+    "autodiff (jax.grad)": {"grad": "autodiff"},
+    "per_example": {"grad": "manual", "per_example": True},
+    "per_example + clip": {"grad": "manual", "per_example": True, "clip_norm": 1.0},
+}
+
+
+def build(cfg: dict):
+    """(model, loss, x, y) for one config: recurrent classifiers on the last state; a causal character LM."""
+    key_x, key_y = jax.random.split(jax.random.PRNGKey(0))
+    if cfg["kind"] == "transformer":
+        heads = 4 if cfg["d_model"] >= 64 else 2
+        model = fbp.Sequential([
+            fbp.Embedding(cfg["vocab"], cfg["d_model"]), fbp.PositionalEmbedding(cfg["time"]),
+            *[fbp.TransformerBlock(heads) for _ in range(cfg["blocks"])], fbp.RMSNorm(), fbp.Dense(cfg["vocab"]),
+        ])
+        x = jax.random.randint(key_x, (cfg["batch"], cfg["time"]), 0, cfg["vocab"])
+        y = jax.random.randint(key_y, (cfg["batch"], cfg["time"]), 0, cfg["vocab"])
+        return model, fbp.SoftmaxCrossEntropy(), x, y
+    cell = {"gru": fbp.GRU, "lstm": fbp.LSTM}[cfg["kind"]]
+    model = fbp.Sequential([cell(cfg["hidden"], return_sequences=False), fbp.Dense(10)])
+    x = jax.random.normal(key_x, (cfg["batch"], cfg["time"], cfg["features"]))
+    y = jax.random.randint(key_y, (cfg["batch"],), 0, 10)
+    return model, fbp.SoftmaxCrossEntropy(), x, y
+
+
+def variants(cfg: dict) -> list[Variant]:
+    model, loss, x, y = build(cfg)
+    params = model.init(jax.random.PRNGKey(1), x)
+    out = []
+    for name, options in VARIANTS.items():
+        optimizer = optax.adam(1e-3)
+        step = fbp.make_train_step(model, loss, optimizer, **options)
+        holder = [fbp.TrainState.create(params, optimizer, rng=jax.random.PRNGKey(2))]
+
+        def call(step=step, holder=holder):
+            holder[0], _ = step(holder[0], x, y)
+
+        out.append(Variant(name, call, lambda holder=holder: jax.block_until_ready(holder[0]),
+                           lambda step=step, holder=holder: step.lower(holder[0], x, y)))
+    return out
+
+
+def table(name: str, results: dict) -> str:
+    median = {v: statistics.median(r["times"]) for v, r in results.items()}
+    base = median["manual"]
+    lines = [f"### {name}", "", "| variant | ms/step | vs manual | temp MiB |", "|---|---|---|---|"]
+    for variant, seconds in median.items():
+        temp = results[variant]["temp_bytes"]
+        lines.append(f"| {variant} | {seconds * 1e3:.3f} | {seconds / base:.2f}x | "
+                     f"{'n/a' if temp is None else f'{temp / 2**20:.2f}'} |")
+    lines += ["", (f"targets: manual / autodiff = {base / median['autodiff (jax.grad)']:.2f} (<= 1.05); "
+              f"per_example / manual = {median['per_example'] / base:.2f} (<= 1.10); "
+              f"clip / manual = {median['per_example + clip'] / base:.2f} (<= 1.5)"), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sequences", description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--round-seconds", type=float, default=0.25)
+    parser.add_argument("--quick", action="store_true", help="tiny configs, one round: a smoke test")
+    args = parser.parse_args(argv)
+    configs, rounds = (QUICK, 1) if args.quick else (CONFIGS, args.rounds)
+    print(f"# Sequence-layer train steps\n\n- device: {jax.devices()[0].device_kind} ({jax.default_backend()}); "
+          f"jax {jax.__version__}; {platform.processor() or platform.machine()}\n- {rounds} interleaved rounds of "
+          f"about {args.round_seconds} s per variant\n")
+    for name, cfg in configs.items():
+        print(table(name, measure(variants(cfg), rounds, args.round_seconds, log=lambda _: None)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
