@@ -1,11 +1,14 @@
 """No false positives: a correct model built from fbp's layers always passes the checker.
 
 Hypothesis draws random models (MLPs with residual blocks and LayerNorm, CNNs
-with conv / pooling, models that start with an Embedding), shapes, batch sizes
-(1 included), seeds, losses and the precision of params and inputs (float64,
-float32, bfloat16). Every one must pass ``fbp.check_gradients``, and
-``find_first_bad_layer`` (run on fewer draws: it checks every layer) must blame
-no layer and no loss.
+with conv / pooling, models that start with an Embedding; and, in their own
+tests, sequence models: Conv1D, SimpleRNN / GRU / LSTM, one- or two-way, every
+step or the last one, attention, causal or not, RMSNorm, PositionalEmbedding,
+TransformerBlock, on ``(batch, time, features)``, and a token language model),
+shapes, batch sizes and sequence lengths (1 included), seeds, losses and the
+precision of params and inputs (float64, float32, bfloat16). Every one must
+pass ``fbp.check_gradients``, and ``find_first_bad_layer`` (run on fewer draws:
+it checks every layer) must blame no layer and no loss.
 
 Non-differentiable points (a ReLU input at exactly 0, a max-pool window whose
 maximum is tied) are where the hand-written subgradient and finite differences
@@ -46,6 +49,30 @@ ACTIVATIONS = {
 }
 VECTOR_BLOCKS = ("dense", "layernorm", "residual", "dropout", *ACTIVATIONS)
 IMAGE_BLOCKS = ("conv", "conv_stride2", "residual_conv", "maxpool", "avgpool", "layernorm", *ACTIVATIONS)
+SEQUENCE_BLOCKS = (
+    "conv1d",
+    "rnn",
+    "gru",
+    "lstm",
+    "rnn_bidirectional",
+    "gru_bidirectional",
+    "lstm_bidirectional",
+    "rnn_last",
+    "gru_last",
+    "lstm_bidirectional_last",
+    "attention",
+    "attention_causal",
+    "rmsnorm",
+    "positional",
+    "transformer",
+    "transformer_bidirectional",
+    "relu",
+    "gelu",
+)
+TOKEN_BLOCKS = ("transformer", "transformer_bidirectional", "attention_causal", "rmsnorm")
+FAMILIES = ("mlp", "cnn", "embedding")
+SEQUENCE_FAMILIES = ("sequence", "tokens")
+VOCABULARY = 5  # token ids and the token model's classes
 LOSSES = ("cross_entropy_labels", "cross_entropy_probs", "mse", "bce", "log_softmax_mse", "softmax_mse")
 
 
@@ -53,27 +80,30 @@ LOSSES = ("cross_entropy_labels", "cross_entropy_probs", "mse", "bce", "log_soft
 class Spec:
     """Everything that determines one random case; ``build`` turns it into arrays."""
 
-    family: str  # "mlp", "cnn" or "embedding"
+    family: str  # "mlp", "cnn" or "embedding"; "sequence" or "tokens" (SEQUENCE_FAMILIES)
     blocks: tuple[str, ...]
     width: int
     batch: int
-    loss: str
+    loss: str  # "tokens": always per-position labels, (batch, time)
     dtype: str
     seed: int
+    time: int = 3  # sequence length ("embedding" always 3)
 
 
 @st.composite
-def specs(draw, dtypes=DTYPES) -> Spec:
-    family = draw(st.sampled_from(("mlp", "cnn", "embedding")))
-    pool = IMAGE_BLOCKS if family == "cnn" else VECTOR_BLOCKS
+def specs(draw, dtypes=DTYPES, families=FAMILIES) -> Spec:
+    family = draw(st.sampled_from(families))
+    pool = {"cnn": IMAGE_BLOCKS, "sequence": SEQUENCE_BLOCKS, "tokens": TOKEN_BLOCKS}.get(family, VECTOR_BLOCKS)
+    sequence = family in SEQUENCE_FAMILIES
     return Spec(
         family=family,
-        blocks=tuple(draw(st.lists(st.sampled_from(pool), min_size=0, max_size=4))),
+        blocks=tuple(draw(st.lists(st.sampled_from(pool), min_size=0, max_size=2 if sequence else 4))),
         width=draw(st.integers(1, 6)),
         batch=draw(st.integers(1, 4)),
-        loss=draw(st.sampled_from(LOSSES)),
+        loss="cross_entropy_labels" if family == "tokens" else draw(st.sampled_from(LOSSES)),
         dtype=draw(st.sampled_from(dtypes)),
         seed=draw(st.integers(0, 2**31 - 1)),
+        **({"time": draw(st.integers(1, 4))} if sequence else {}),
     )
 
 
@@ -115,8 +145,88 @@ def _image_blocks(names, width: int, size: int):
     return layers
 
 
+def _heads(width: int) -> int:
+    return 2 if width % 2 == 0 else 1  # d_model must divide by num_heads
+
+
+def _sequence_blocks(names, width: int, max_length: int):
+    """Layers on ``(..., time, width)``; a recurrent "_last" drops the time axis, and the blocks that need
+    one are skipped after it. Returns (layers, whether the time axis is still there)."""
+    recurrent = {"rnn": fbp.SimpleRNN, "gru": fbp.GRU, "lstm": fbp.LSTM}
+    layers, has_time = [], True
+    for name in names:
+        kind, *flags = name.split("_")
+        if kind in recurrent:
+            if not has_time:
+                continue
+            bidirectional, last = "bidirectional" in flags, "last" in flags
+            hidden = max(1, width // 2) if bidirectional else width  # the output, (2 if bidirectional) * hidden
+            layers.append(recurrent[kind](hidden, bidirectional=bidirectional, return_sequences=not last))
+            has_time = not last
+        elif name == "rmsnorm":
+            layers.append(fbp.RMSNorm())
+        elif name in ACTIVATIONS:
+            layers.append(ACTIVATIONS[name]())
+        elif not has_time:
+            continue
+        elif name == "conv1d":
+            layers.append(fbp.Conv1D(width, kernel_size=3))
+        elif kind == "attention":
+            layers.append(fbp.MultiHeadAttention(_heads(width), causal="causal" in flags))
+        elif name == "positional":
+            layers.append(fbp.PositionalEmbedding(max_length))
+        else:  # transformer; its MLP kept tiny. Heads: 1 for an odd width, so 2 * (width // 2) divides too
+            layers.append(fbp.TransformerBlock(_heads(width), mlp_ratio=2, causal="bidirectional" not in flags))
+    return layers, has_time
+
+
+def _build_sequence(spec: Spec):
+    """``build`` for SEQUENCE_FAMILIES: a model on ``(batch, time, features)`` floats, or on token ids."""
+    dtype, width, classes = jnp.dtype(spec.dtype), spec.width, 3
+    if spec.family == "tokens":  # a language model: a distribution over the next token at every position
+        blocks, _ = _sequence_blocks(spec.blocks, width, spec.time)
+        layers = [
+            fbp.Embedding(VOCABULARY, width, dtype=dtype),
+            fbp.PositionalEmbedding(spec.time),
+            fbp.TransformerBlock(_heads(width), mlp_ratio=2),
+            *blocks,
+            fbp.RMSNorm(),
+            fbp.Dense(VOCABULARY),
+        ]
+        loss = fbp.SoftmaxCrossEntropy()
+    else:
+        # a recurrent layer's width is its own: open and keep `width` with Dense / Conv1D / attention / blocks
+        blocks, has_time = _sequence_blocks(spec.blocks, width, spec.time)
+        layers = [fbp.Dense(width), *blocks, *([fbp.Flatten(num_axes=2)] if has_time else [])]
+        layers.append(fbp.Dense(1 if spec.loss == "bce" else classes))
+        layers += {"log_softmax_mse": [fbp.LogSoftmax()], "softmax_mse": [fbp.Softmax()]}.get(spec.loss, [])
+        loss = {
+            "bce": fbp.BinaryCrossEntropy(),
+            "cross_entropy_labels": fbp.SoftmaxCrossEntropy(),
+            "cross_entropy_probs": fbp.SoftmaxCrossEntropy(),
+        }.get(spec.loss, fbp.MSE())
+    model = fbp.Sequential(layers)
+
+    key_x, key_y, key_params = jax.random.split(jax.random.PRNGKey(spec.seed), 3)
+    if spec.family == "tokens":
+        x = jax.random.randint(key_x, (spec.batch, spec.time), 0, VOCABULARY)
+        y = jax.random.randint(key_y, (spec.batch, spec.time), 0, VOCABULARY)
+    else:
+        x = jax.random.normal(key_x, (spec.batch, spec.time, 2), jnp.float32).astype(dtype)
+        if spec.loss == "cross_entropy_labels":
+            y = jax.random.randint(key_y, (spec.batch,), 0, classes)
+        elif spec.loss == "bce":
+            y = jax.random.bernoulli(key_y, 0.5, (spec.batch, 1)).astype(dtype)
+        else:
+            y = jax.random.normal(key_y, (spec.batch, classes), jnp.float32)
+            y = (jax.nn.softmax(y) if spec.loss == "cross_entropy_probs" else y).astype(dtype)
+    return model, loss, model.init(key_params, x), x, y
+
+
 def build(spec: Spec):
     """``(model, loss, params, x, y)`` for a spec; call inside ``jax.enable_x64`` for float64."""
+    if spec.family in SEQUENCE_FAMILIES:
+        return _build_sequence(spec)
     dtype, width, classes = jnp.dtype(spec.dtype), spec.width, 3
     if spec.family == "mlp":
         # a residual block keeps the width: open with a Dense so the width is `width`
@@ -186,6 +296,10 @@ def _leaves_with_inputs(layer, params, x):
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=specs())
 def test_a_correct_model_always_passes(spec):
+    _check_passes(spec)
+
+
+def _check_passes(spec: Spec) -> None:
     with jax.enable_x64(spec.dtype == "float64"):
         model, loss, params, x, y = build(spec)
         assume(not _has_tie(model, params, x))
@@ -198,11 +312,34 @@ def test_a_correct_model_always_passes(spec):
 @given(spec=specs())
 def test_no_layer_or_loss_of_a_correct_model_is_blamed(spec):
     """The locator, run on a correct model, names nothing: a mutant's named layer is not a false blame."""
+    _check_none_blamed(spec)
+
+
+def _check_none_blamed(spec: Spec) -> None:
     with jax.enable_x64(spec.dtype == "float64"):
         model, loss, params, x, y = build(spec)
         assume(not _has_tie(model, params, x))
         name, report = find_first_bad_layer(model, params, x, loss=loss, y=y, seed=spec.seed % 1000)
     assert name is None, f"{spec}: blamed {name}\n{report}"
+
+
+# the sequence families in tests of their own, so the draws above keep their number (and their time);
+# fewer draws: a scan or attention model costs the checker several times an MLP's compile time
+SEQUENCE_EXAMPLES = max(EXAMPLES // 5, 3)
+
+
+@pytest.mark.usefixtures("fast_compile")
+@settings(max_examples=SEQUENCE_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=specs(families=SEQUENCE_FAMILIES))
+def test_a_correct_sequence_model_always_passes(spec):
+    _check_passes(spec)
+
+
+@pytest.mark.usefixtures("fast_compile")
+@settings(max_examples=max(SEQUENCE_EXAMPLES // 3, 2), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=specs(families=SEQUENCE_FAMILIES))
+def test_no_layer_or_loss_of_a_correct_sequence_model_is_blamed(spec):
+    _check_none_blamed(spec)
 
 
 def test_ties_are_detected():
@@ -236,3 +373,13 @@ def test_every_block_kind_can_be_built():
         for loss in LOSSES:
             spec = Spec(family, pool, 3, 2, loss, "float32", 0)
             assert jax.eval_shape(lambda spec=spec: loss_value(spec)).shape == ()
+    # a "_last" block drops the time axis and the sequence blocks after it are skipped: each last, once
+    keep_time = tuple(name for name in SEQUENCE_BLOCKS if not name.endswith("_last"))
+    pools = [("tokens", TOKEN_BLOCKS)] + [
+        ("sequence", (*keep_time, name)) for name in SEQUENCE_BLOCKS if name not in keep_time
+    ]
+    for family, pool in pools:
+        for loss in LOSSES if family == "sequence" else ("cross_entropy_labels",):
+            for width, time in ((4, 3), (1, 1)):  # even width: two heads; time 1
+                spec = Spec(family, pool, width, 2, loss, "float32", 0, time)
+                assert jax.eval_shape(lambda spec=spec: loss_value(spec)).shape == ()
