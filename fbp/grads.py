@@ -18,13 +18,21 @@ them as you like (the train step does). Two choices run through every function:
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from fbp.layers.base import call_per_example_backward, describe, uses_key
+from fbp.layers.base import (
+    REQUIRED_METHODS,
+    call_per_example_backward,
+    describe,
+    missing_methods,
+    scale_examples,
+    uses_key,
+)
 
 GRAD_MODES = ("manual", "autodiff", "custom_vjp")
 MODES = GRAD_MODES  # the name before fbp 0.2.0
@@ -86,6 +94,112 @@ def with_manual_vjp(model) -> Callable:
     return apply
 
 
+def check_is_layer(model, where: str) -> None:
+    """Raise TypeError unless ``model`` is a layer (``LayerProtocol``); ``where`` names the caller."""
+    missing = missing_methods(model)
+    if missing:
+        hint = "; put the layers in fbp.Sequential([...])" if isinstance(model, (list, tuple)) else ""
+        raise TypeError(
+            f"{where}: expected a layer (with {', '.join(REQUIRED_METHODS)}), got a {type(model).__name__}, "
+            f"which lacks {', '.join(missing)}{hint}"
+        )
+
+
+def check_is_loss(loss, where: str) -> None:
+    """Raise TypeError unless ``loss`` has the loss contract (``forward``, ``backward``, ``__call__``)."""
+    missing = [m for m in ("forward", "backward") if not callable(getattr(loss, m, None))]
+    if missing or not callable(loss):
+        raise TypeError(
+            f"{where}: expected a loss from fbp.losses (with forward, backward and __call__), "
+            f"got a {type(loss).__name__}"
+        )
+
+
+# an error a layer raised on purpose starts with the layer's name: "Dense(10): expected x[..., 784], ..."
+_OWN_MESSAGE = re.compile(r"^[A-Za-z_][\w.]*(\(.*?\))?: ")
+_FIT_CHECKED: set = set()  # (model, params avals, x aval) already found to fit: checked once per signature
+
+
+def _owner(model, path: str) -> str:
+    """The layer a params path belongs to, as ``"[2] Dense(8)"``: through Sequential's list and Residual's block."""
+    where, layer = "", model
+    while True:
+        index = re.match(r"^\[(\d+)\]", path)
+        layers = getattr(layer, "layers", None)
+        if index and isinstance(layers, tuple) and int(index.group(1)) < len(layers):
+            where, layer, path = where + index.group(0), layers[int(index.group(1))], path[index.end() :]
+        elif hasattr(getattr(layer, "block", None), "backward"):
+            where, layer = where + ".block", layer.block
+        else:
+            return f"{where} {describe(layer)}" if where else describe(layer)
+
+
+def check_params(model, params, x) -> None:
+    """Raise TypeError/ValueError when a params leaf does not fit ``model`` at ``x``, naming the leaf and its layer.
+
+    Each leaf is compared with what ``model.init`` makes for ``x`` (shapes only,
+    ``jax.eval_shape``): a leaf that should be floating but is not (integer
+    params: no gradient) is a TypeError; a leaf of another shape is a
+    ValueError, unless the model's own forward pass already says what it
+    expected (a layer's message, e.g. ``Dense(10): expected x[..., 784]``,
+    which names x when x is what differs). A params tree of another structure
+    is left to the layers (``Sequential(3 layers): expected params as a list
+    of 3``), and so is a model that cannot be initialised for ``x``. Runs at
+    trace time, once per signature.
+    """
+    x_spec = jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    try:
+        signature = (model, treedef, tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves), x_spec)
+        if signature in _FIT_CHECKED:
+            return
+    except TypeError:  # an unhashable user layer, or leaves that are not arrays: check every time
+        signature = None
+    try:
+        expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), x_spec)
+    except Exception:  # noqa: BLE001 - the model cannot be initialised for this x: its forward says why
+        return
+    want = {jax.tree_util.keystr(p): a for p, a in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    got = {jax.tree_util.keystr(p): a for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+    misshapen = []
+    for path, spec in want.items():
+        if path not in got:
+            continue
+        leaf = got[path]
+        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+            raise TypeError(
+                f"{describe(model)}: params{path} (in {_owner(model, path)}) is a {type(leaf).__name__}, "
+                f"expected an array of shape {tuple(spec.shape)}; pass the params that model.init(key, x) returned"
+            )
+        if jnp.issubdtype(spec.dtype, jnp.inexact) and not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            raise TypeError(
+                f"{describe(model)}: params{path} (in {_owner(model, path)}) has dtype {leaf.dtype}, expected a "
+                f"floating-point array (init makes {spec.dtype}): integer params have no gradient; cast them, e.g. "
+                "jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)"
+            )
+        if tuple(leaf.shape) != tuple(spec.shape):
+            misshapen.append((path, tuple(leaf.shape), tuple(spec.shape)))
+    if misshapen:
+        path, shape, want_shape = misshapen[0]
+        message = (
+            f"{describe(model)}: params{path} (in {_owner(model, path)}) has shape {shape}, but init makes "
+            f"{want_shape} for x of shape {tuple(jnp.shape(x))}"
+            + (f" ({len(misshapen) - 1} more leaves differ)" if len(misshapen) > 1 else "")
+            + "; pass the params that model.init(key, x) returned"
+        )
+        try:
+            jax.eval_shape(lambda p, x: model.apply(p, x), params, x)
+        except (ValueError, TypeError) as error:
+            if _OWN_MESSAGE.match(str(error)):
+                raise  # a layer's own message: it names what it expected and what came
+            raise ValueError(message) from error
+        raise ValueError(message)
+    if signature is not None:
+        if len(_FIT_CHECKED) > 4096:  # a cache, not a record: keep it bounded
+            _FIT_CHECKED.clear()
+        _FIT_CHECKED.add(signature)
+
+
 def check_batch(model, x, y) -> None:
     """Raise ValueError unless x and y have a leading batch axis of the same size."""
     x_shape, y_shape = jnp.shape(x), jnp.shape(y)
@@ -145,9 +259,12 @@ def per_example_value_and_grad(model, loss, *, grad: str = "manual", mode: str |
       gradient of example i's loss.
     """
     single = _batch_value_and_grad(model, loss, _grad_mode(grad, mode, "per_example_value_and_grad"))
+    check_is_layer(model, "per_example_value_and_grad")
+    check_is_loss(loss, "per_example_value_and_grad")
 
     def f(params, x, y, key=None):
         check_batch(model, x, y)
+        check_params(model, params, x)
         if key is None:
             return jax.vmap(single, in_axes=(None, 0, 0))(params, x, y)
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(jnp.shape(x)[0]))
@@ -196,14 +313,8 @@ def _per_example_loss(loss, pred, y):
     return jax.vmap(one)(pred, y)
 
 
-def _averaged_per_example(model, loss, grad: str) -> Callable:
-    """Mean of per-example gradients as one backward pass over the batch.
-
-    Example i's gradient is backward(cache, e_i dpred_i), linear in dpred_i, and
-    the examples do not mix; so the mean over i is backward(cache, dpred / B):
-    each layer's backward sums the outer products over the batch in one matmul
-    instead of materialising B of them.
-    """
+def _pullback(model, grad: str) -> Callable:
+    """``f(params, x, key) -> (pred, backward)``, ``backward(dpred) -> dparams``, by ``grad`` (checked by the caller)."""
 
     def pullback(params, x, key):
         if grad == "manual":
@@ -213,6 +324,19 @@ def _averaged_per_example(model, loss, grad: str) -> Callable:
         pred, vjp = jax.vjp(lambda p: apply(p, x, key), params)
         return pred, lambda dpred: vjp(dpred)[0]
 
+    return pullback
+
+
+def _averaged_per_example(model, loss, grad: str) -> Callable:
+    """Mean of per-example gradients as one backward pass over the batch.
+
+    Example i's gradient is backward(cache, e_i dpred_i), linear in dpred_i, and
+    the examples do not mix; so the mean over i is backward(cache, dpred / B):
+    each layer's backward sums the outer products over the batch in one matmul
+    instead of materialising B of them.
+    """
+    pullback = _pullback(model, grad)
+
     def averaged(params, x, y, key=None):
         check_batch(model, x, y)
         pred, backward = pullback(params, x, key)
@@ -220,6 +344,72 @@ def _averaged_per_example(model, loss, grad: str) -> Callable:
         return values.mean(), backward(dpred / values.shape[0])
 
     return averaged
+
+
+def check_mask(model, x, mask) -> None:
+    """Raise unless ``mask`` is ``(batch,)``, bool or numeric, for ``x: (batch, ...)`` (trace time)."""
+    if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
+        raise TypeError(f"{describe(model)}: mask must be an array of shape (batch,), got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(jnp.shape(x)[:1]):
+        raise ValueError(
+            f"{describe(model)}: mask must have shape (batch,) = {tuple(jnp.shape(x)[:1])} for x of shape "
+            f"{tuple(jnp.shape(x))}, got {tuple(mask.shape)}"
+        )
+    if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.number)):
+        raise TypeError(f"{describe(model)}: mask must be bool (True: a real example), got dtype {mask.dtype}")
+
+
+def _masked(x, y, mask):
+    """``(x, y, keep)``: masked examples' rows of x and y replaced by zeros, ``keep: (batch,)`` bool.
+
+    What a masked example holds then never reaches the arithmetic (not even a NaN in the padding),
+    so its values change no result, bit for bit; its weight is zero everywhere after.
+    """
+    keep = jnp.asarray(mask).astype(bool)
+
+    def zero_masked(a):
+        a = jnp.asarray(a)
+        return jnp.where(keep.reshape(-1, *([1] * (a.ndim - 1))), a, jnp.zeros((), a.dtype))
+
+    return zero_masked(x), zero_masked(y), keep
+
+
+def _masked_mean_weights(keep, dtype) -> jax.Array:
+    """``keep / max(1, count)``: each real example's weight in the mean over real examples (0 when none)."""
+    keep = keep.astype(dtype)
+    return keep / jnp.maximum(jnp.sum(keep), 1)
+
+
+def _masked_value_and_grad(model, loss, grad: str, per_example: bool | str) -> Callable:
+    """``f(params, x, y, key, mask) -> (mean loss, mean gradient)`` over the examples where ``mask``.
+
+    Each example's loss and dpred alone, weighted by ``mask / count``, then one backward over the
+    batch (``_averaged_per_example``'s argument: backward is linear in dpred and examples do not
+    mix); the vmap reference (and the fast path of a model drawing random numbers from ``key``)
+    weighs the stacked per-example gradients instead.
+    """
+    pullback = _pullback(model, grad)
+    stacked = per_example_value_and_grad(model, loss, grad=grad)
+
+    def masked(params, x, y, key, mask):
+        check_batch(model, x, y)
+        check_mask(model, x, mask)
+        x, y, keep = _masked(x, y, mask)
+        vmapped = per_example == "vmap" or (
+            per_example is True and not _batch_forward_is_per_example(model, params, x, key)
+        )
+        if vmapped:
+            values, grads = stacked(params, x, y, key)
+            weights = _masked_mean_weights(keep, values.dtype)
+            values = jnp.where(keep, values, jnp.zeros((), values.dtype))
+            return weights @ values, jax.tree_util.tree_map(lambda g: jnp.tensordot(weights.astype(g.dtype), g, 1), grads)
+        pred, backward = pullback(params, x, key)
+        values, dpred = _per_example_loss(loss, pred, y)
+        weights = _masked_mean_weights(keep, values.dtype)
+        values = jnp.where(keep, values, jnp.zeros((), values.dtype))  # a zero input's loss could still be inf
+        return weights @ values, backward(scale_examples(dpred, weights))
+
+    return masked
 
 
 def value_and_grad(
@@ -245,15 +435,34 @@ def value_and_grad(
         equal the batch gradient, since the batch loss is the mean of the
         per-example losses.
       mode: deprecated spelling of ``grad``.
+
+    The returned ``f`` also takes ``mask: (batch,)`` (bool; None: every example): the loss and
+    gradient are then the mean over the examples where ``mask`` is True, each example's loss
+    weighted alone (for padded batches, e.g. Poisson sampling). A masked example contributes
+    nothing: its x and y are replaced by zeros before any arithmetic, and its weight is zero.
     """
     grad = _grad_mode(grad, mode, "value_and_grad")
     _check_per_example(per_example, "value_and_grad")
+    check_is_layer(model, "value_and_grad")
+    check_is_loss(loss, "value_and_grad")
+    masked = _masked_value_and_grad(model, loss, grad, per_example)
     if per_example is False:
-        return _batch_value_and_grad(model, loss, grad)
+        batch = _batch_value_and_grad(model, loss, grad)
+
+        def checked(params, x, y, key=None, mask=None):
+            check_params(model, params, x)
+            if mask is not None:
+                return masked(params, x, y, key, mask)
+            return batch(params, x, y, key)
+
+        return checked
     stacked = per_example_value_and_grad(model, loss, grad=grad)
     fast = _averaged_per_example(model, loss, grad)
 
-    def averaged(params, x, y, key=None):
+    def averaged(params, x, y, key=None, mask=None):
+        check_params(model, params, x)
+        if mask is not None:
+            return masked(params, x, y, key, mask)
         if per_example is True and _batch_forward_is_per_example(model, params, x, key):
             return fast(params, x, y, key)
         values, grads = stacked(params, x, y, key)
@@ -289,16 +498,33 @@ def clip_and_average(grads, clip_norm: float):
 
 
 def clipped_value_and_grad(
-    model, loss, clip_norm: float, *, grad: str = "manual", per_example: bool | str = True, mode: str | None = None
+    model,
+    loss,
+    clip_norm: float,
+    *,
+    grad: str = "manual",
+    per_example: bool | str = True,
+    normalize_by: float | None = None,
+    mode: str | None = None,
 ) -> Callable:
-    """``f(params, x, y, key=None) -> (loss value, clipped mean gradient, norms)`` for DP-SGD.
+    """``f(params, x, y, key=None, mask=None) -> (loss value, clipped mean gradient, norms)`` for DP-SGD.
 
     The gradient is ``mean_i g_i min(1, C / ||g_i||)`` with g_i example i's
     gradient and C = ``clip_norm``; ``norms: (batch,)`` holds every ||g_i||.
 
+    With ``mask: (batch,)`` (bool, True for a real example: padded batches such as Poisson
+    sampling's), only the examples where ``mask`` count: the gradient is the sum of their clipped
+    gradients divided by ``normalize_by`` (or by their number), the loss value their mean loss,
+    and a masked example's norm is 0. A masked example contributes nothing, bit for bit: its x and
+    y are replaced by zeros before any arithmetic and its weight is zero.
+
     Args:
       model, loss, grad: as ``value_and_grad``; ``mode``: deprecated spelling of ``grad``.
       clip_norm: the bound C.
+      normalize_by: the clipped sum is divided by this; None: by the number of examples (the
+        unmasked ones with a mask), i.e. the mean. DP-SGD with Poisson sampling divides by the
+        EXPECTED batch size q N, a constant, as the privacy accountant assumes (dividing by the
+        drawn batch size would make the noise depend on the data); JAX-Privacy's ``normalize_by``.
       per_example: ``True`` (the fast path): with ``grad="manual"`` no g_i is
         materialised (ghost clipping, Li et al. 2021): one backward walk over
         the batch gets ||g_i||^2 from each layer's ``per_example_sq_norms`` (its
@@ -314,22 +540,73 @@ def clipped_value_and_grad(
     """
     grad = _grad_mode(grad, mode, "clipped_value_and_grad")
     _check_per_example(per_example, "clipped_value_and_grad")
+    check_is_layer(model, "clipped_value_and_grad")
+    check_is_loss(loss, "clipped_value_and_grad")
     if per_example is False:
         raise ValueError("clipping needs per-example gradients: pass per_example=True or 'vmap'")
+    _check_normalize_by(normalize_by, "clipped_value_and_grad")
     stacked = per_example_value_and_grad(model, loss, grad=grad)
     hooks = ("per_example_backward", "per_example_sq_norms")
     ghost = per_example is True and grad == "manual" and any(callable(getattr(model, h, None)) for h in hooks)
 
-    def clipped(params, x, y, key=None):
+    def clipped(params, x, y, key=None, mask=None):
+        check_params(model, params, x)
+        keep = None
+        if mask is not None:
+            check_batch(model, x, y)
+            check_mask(model, x, mask)
+            x, y, keep = _masked(x, y, mask)
         if not (ghost and _batch_forward_is_per_example(model, params, x, key)):
             values, grads = stacked(params, x, y, key)
-            grads, norms = clip_and_average(grads, clip_norm)
-            return values.mean(), grads, norms
+            if keep is None and normalize_by is None:
+                grads, norms = clip_and_average(grads, clip_norm)
+                return values.mean(), grads, norms
+            norms = _stacked_norms(grads)
+            factors, value, denominator = _masked_factors(norms, values, keep, clip_norm, normalize_by)
+            grads = jax.tree_util.tree_map(lambda g: jnp.tensordot(factors.astype(g.dtype), g, 1) / denominator, grads)
+            return value, grads, norms if keep is None else jnp.where(keep, norms, 0)
         check_batch(model, x, y)
         pred, cache = model.forward(params, x, key=key)
         values, dpred = _per_example_loss(loss, pred, y)
         sq_norms, _, weighted_grads = call_per_example_backward(model, params, cache, dpred)
         norms = jnp.sqrt(sq_norms)
-        return values.mean(), weighted_grads(clip_factors(norms, clip_norm) / values.shape[0]), norms
+        if keep is None and normalize_by is None:
+            return values.mean(), weighted_grads(clip_factors(norms, clip_norm) / values.shape[0]), norms
+        factors, value, denominator = _masked_factors(norms, values, keep, clip_norm, normalize_by)
+        return value, weighted_grads(factors / denominator), norms if keep is None else jnp.where(keep, norms, 0)
 
     return clipped
+
+
+def _check_normalize_by(normalize_by, where: str) -> None:
+    if normalize_by is None:
+        return
+    if isinstance(normalize_by, bool) or not isinstance(normalize_by, (int, float)) or not normalize_by > 0:
+        raise ValueError(
+            f"{where}: normalize_by must be a positive number (DP-SGD with Poisson sampling: the expected batch "
+            f"size q N) or None (the number of examples), got {normalize_by!r}"
+        )
+
+
+def _masked_factors(norms, values, keep, clip_norm: float, normalize_by: float | None):
+    """``(factors, loss value, denominator)``: the clip factors, zero where masked; the mean loss over the
+    real examples; what the clipped sum is divided by (``normalize_by``, else the number of real examples)."""
+    factors = clip_factors(norms, clip_norm)
+    if keep is None:
+        count = values.shape[0]
+        value = values.mean()
+    else:
+        factors = jnp.where(keep, factors, jnp.zeros((), factors.dtype))
+        count = jnp.maximum(jnp.sum(keep.astype(values.dtype)), 1)
+        value = jnp.sum(jnp.where(keep, values, jnp.zeros((), values.dtype))) / count
+    return factors, value, count if normalize_by is None else normalize_by
+
+
+def _stacked_norms(grads) -> jax.Array:
+    """Each example's gradient norm from stacked per-example gradients: ``(batch,)`` in at least float32."""
+
+    def sq_norms(g):
+        g = g.reshape(g.shape[0], -1).astype(jnp.promote_types(g.dtype, jnp.float32))
+        return jnp.sum(g * g, axis=1)
+
+    return jnp.sqrt(sum(sq_norms(g) for g in jax.tree_util.tree_leaves(grads)))

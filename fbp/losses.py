@@ -75,7 +75,29 @@ def _targets_as_probs(loss, logits, target):
             f"{name}: expected integer labels {tuple(logits.shape[:-1])} or probabilities "
             f"{tuple(logits.shape)}, got shape {tuple(target.shape)} of dtype {target.dtype}"
         )
+    if is_concrete(target) and target.size:
+        _check_probabilities(name, np.asarray(target, np.float64), float(jnp.finfo(target.dtype).eps))
     return target.astype(logits.dtype)
+
+
+def _check_probabilities(name: str, target: np.ndarray, eps: float) -> None:
+    """Raise ValueError unless every row of ``target (..., C)`` is >= 0 and sums to 1 within max(0.01, 8 eps).
+
+    0.01, whatever the dtype: probabilities rounded to bfloat16 on the way (then
+    cast up, as the checker's float64 reruns do) sum to 1 only within eps/2 = 0.004
+    of bfloat16; targets that are not probabilities at all (counts, scores) miss by far more.
+    """
+    slack = max(1e-2, 8 * eps)
+    sums = target.sum(axis=-1)
+    bad = ~(np.all(target >= -slack, axis=-1) & (np.abs(sums - 1.0) <= slack))  # NaN fails both
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        row = target[first]
+        raise ValueError(
+            f"{name}: probability targets must be >= 0 and sum to 1 over the last axis, got a row summing to "
+            f"{float(row.sum()):.6g} (min {float(row.min()):.6g}) at index {first}; pass integer labels, or "
+            "normalise: t / t.sum(-1, keepdims=True)"
+        )
 
 
 @dataclass(frozen=True)
@@ -86,6 +108,14 @@ class SoftmaxCrossEntropy(Loss):
     probabilities / one-hot ``(..., C)``. Cache: (softmax(z) sum_c t_c - t) / m
     with m the number of examples, which is exactly dL/dz; sum_c t_c is 1 for
     labels, and kept for probabilities whose sum is 1 only up to rounding.
+
+    Where the targets' values are known (eager calls), labels outside [0, C)
+    and probability rows that are negative or do not sum to 1 (within
+    max(0.01, 8 eps)) raise ValueError. Under jit they cannot be checked: an
+    out-of-range label becomes an all-zero one-hot row (that example adds 0 to
+    the loss), and unnormalised probabilities give the cross-entropy against t
+    as it is, whose gradient is still exactly the cache above. Check data where
+    it enters (``fbp.data.check_finite``, which ``fit`` runs).
     """
 
     def forward(self, logits, target):
@@ -112,6 +142,11 @@ class BinaryCrossEntropy(Loss):
     form takes the subgradients of max and |.| at z == 0 and returns -t instead of
     0.5 - t there, although the loss is smooth.
     Shapes: logits and targets (...), targets in [0, 1]. Cache: (sigmoid(z) - t) / size.
+
+    Targets outside [0, 1] (or NaN) raise ValueError where their values are
+    known (eager calls). Under jit they cannot be checked: there the value is
+    softplus(z) - z t as written, unbounded below when t > 1 or t < 0, so
+    training drives z to +-inf; check data where it enters.
     """
 
     def forward(self, logits, target):
@@ -120,6 +155,13 @@ class BinaryCrossEntropy(Loss):
             raise ValueError(
                 f"BinaryCrossEntropy: expected targets of shape {tuple(logits.shape)}, got {tuple(jnp.shape(target))}"
             )
+        if is_concrete(target) and np.size(target):
+            values = np.asarray(target, np.float64)
+            if not np.all((values >= 0) & (values <= 1)):  # NaN fails too
+                raise ValueError(
+                    f"BinaryCrossEntropy: targets must lie in [0, 1], got values in [{np.nanmin(values):g}, "
+                    f"{np.nanmax(values):g}]" + (" and NaN" if np.isnan(values).any() else "")
+                )
         t = jnp.asarray(target).astype(logits.dtype)
         value = jnp.mean(jax.nn.softplus(logits) - logits * t)
         return value, (jax.nn.sigmoid(logits) - t) / logits.size

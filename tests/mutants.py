@@ -1,18 +1,22 @@
 """Planted backward bugs, as data: each must be caught by ``fbp.check_gradients``.
 
 A mutant is a correct layer (or loss) whose ``backward`` (and, for a stale
-cache, ``forward``) is replaced by a buggy one: ``mutate`` makes a subclass of
-the layer's frozen dataclass with the same fields and name, so the report reads
-as it would for the real bug. ``Stack`` builds the small model it sits in:
-``"*"`` marks the mutant's place (a loss mutant replaces the loss).
+cache, ``forward``; for a per-example hook bug, the hook) is replaced by a
+buggy one: ``mutate`` makes a subclass of the layer's frozen dataclass with the
+same fields and name, so the report reads as it would for the real bug.
+``Stack`` (``SequenceStack`` for sequence models) builds the small model it
+sits in: ``"*"`` marks the mutant's place (a loss mutant replaces the loss).
 
 Adding a mutant is one line in ``MUTANTS``:
 
     Mutant(name, correct layer, buggy backward, Stack(...), wrong layer path, a wrong leaf)
 
 ``hidden`` says where the bug honestly does not show (e.g. ``{"batch": 1}`` for
-mean-instead-of-sum): test_mutants checks that the checker passes it there, so
-the catch elsewhere is not a checker that fails everything.
+mean-instead-of-sum, ``{"key": None}`` for a dropout bug without a key):
+test_mutants checks that the checker passes it there, so the catch elsewhere
+is not a checker that fails everything. The sequence and attention layers'
+mutants live next to their cases (``registry_sequences``,
+``registry_attention``); ``everything()`` is the whole list test_mutants runs.
 """
 
 from __future__ import annotations
@@ -25,13 +29,17 @@ import jax
 import jax.numpy as jnp
 
 import fbp
-from fbp.layers.base import sum_leading
+from fbp.layers.attention import MultiHeadAttention
+from fbp.layers.base import per_example_bias_grads, per_example_bias_sq_norms, sum_leading
 from fbp.layers.conv import _DIMS, _place
+from fbp.layers.recurrent import SimpleRNN
 
 
-def mutate(layer, backward: Callable | None = None, forward: Callable | None = None):
-    """``layer`` with ``backward`` / ``forward`` replaced: a same-named frozen dataclass subclass."""
+def mutate(layer, backward: Callable | None = None, forward: Callable | None = None, methods: dict | None = None):
+    """``layer`` with ``backward`` / ``forward`` (and any ``methods``, by name) replaced: a same-named frozen
+    dataclass subclass."""
     namespace = {name: fn for name, fn in (("backward", backward), ("forward", forward)) if fn is not None}
+    namespace.update(methods or {})
     cls = dataclasses.dataclass(frozen=True)(type(type(layer).__name__, (type(layer),), namespace))
     return cls(**{f.name: getattr(layer, f.name) for f in dataclasses.fields(layer) if f.init})
 
@@ -68,6 +76,35 @@ class Stack:
         return model, loss, model.init(key_params, x), x, y
 
 
+@dataclasses.dataclass(frozen=True)
+class SequenceStack:
+    """``Stack`` for sequences: x ``(batch, time, features)`` ~ N(0, 1), labels in [0, 3).
+
+    Attributes:
+      layers: layers in order; ``"*"`` is where the mutant goes. The last gives 3 features.
+      per_step: labels ``(batch, time)`` for a model that keeps the time axis, else ``(batch,)``.
+      time, features: the shape of one example.
+    """
+
+    layers: tuple
+    per_step: bool = True
+    time: int = 4
+    features: int = 3
+
+    def build(self, mutant, dtype: str = "float32", batch: int = 4, seed: int = 0):
+        """``(model, loss, params, x, y)``, as ``Stack.build``; float64 needs ``jax.enable_x64``."""
+        model = fbp.Sequential([mutant if layer == "*" else layer for layer in self.layers])
+        key_x, key_y, key_params = jax.random.split(jax.random.PRNGKey(seed), 3)
+        x = jax.random.normal(key_x, (batch, self.time, self.features), jnp.dtype(dtype))
+        y = jax.random.randint(key_y, (batch, self.time) if self.per_step else (batch,), 0, 3)
+        params = model.init(key_params, x)
+        # biases start at 0 and norm scales at 1: perturb every leaf so that none hides a wrong gradient
+        leaves, tree = jax.tree_util.tree_flatten(params)
+        keys = jax.random.split(jax.random.fold_in(key_params, 1), len(leaves))
+        leaves = [a + 0.3 * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
+        return model, fbp.SoftmaxCrossEntropy(), jax.tree_util.tree_unflatten(tree, leaves), x, y
+
+
 def _inputs(kind: str, key, batch: int, dtype):
     if kind == "vector":
         return jax.random.normal(key, (batch, 5), dtype)
@@ -92,22 +129,39 @@ class Mutant:
       wrong_leaf: a leaf the report must flag, e.g. ``"[0]['W']"``.
       forward: a buggy ``forward`` too (a stale cache), or None.
       dtype: the precision it is checked in.
-      hidden: conditions (``batch``, ``dtype``) under which the bug does not exist, or None.
+      hidden: conditions (``batch``, ``dtype``, ``key``) under which the bug does not exist, or None.
+      methods: other methods replaced, by name (a buggy per-example hook), or None.
+      hook: the hook the report must name as the first wrong one (``first_bad_hook``), or None.
+      random: the model draws random numbers: check it with a key (``KEY``).
     """
 
     name: str
     layer: Any
     backward: Callable | None
-    model: Stack
+    model: Stack | SequenceStack
     wrong_layer: str
     wrong_leaf: str
     forward: Callable | None = None
     dtype: str = "float32"
     hidden: dict | None = None
+    methods: dict | None = None
+    hook: str | None = None
+    random: bool = False
 
     def build(self, dtype: str | None = None, batch: int = 4, seed: int = 0):
-        planted = mutate(self.layer, self.backward, self.forward)
+        planted = mutate(self.layer, self.backward, self.forward, self.methods)
         return self.model.build(planted, dtype or self.dtype, batch, seed)
+
+    def check(self, *, hidden: bool = False):
+        """``fbp.check_gradients`` of the built model: as planted, or (``hidden``) where the bug does not show."""
+        where = self.hidden if hidden else {}
+        dtype = where.get("dtype", self.dtype)
+        key = where.get("key", KEY) if self.random else None
+        with jax.enable_x64(dtype == "float64"):
+            return fbp.check_gradients(*self.build(dtype, where.get("batch", 4)), key=key)
+
+
+KEY = jax.random.PRNGKey(7)  # the key a random mutant is checked with
 
 
 # --- the buggy backward passes ----------------------------------------------
@@ -224,6 +278,13 @@ def layernorm_naive_variance(self, params, x, dy):
     return fbp.LayerNorm.backward(self, params, ((x - mean) * inv_std, inv_std), dy)
 
 
+def layernorm_norms_from_x(self, params, x, dy):
+    # the hook of a LayerNorm that caches x: (xhat, 1/std) recomputed from it, as the backward above does
+    mean = x.mean(axis=-1, keepdims=True)
+    inv_std = jax.lax.rsqrt(((x - mean) ** 2).mean(axis=-1, keepdims=True) + self.epsilon)
+    return fbp.LayerNorm.per_example_sq_norms(self, params, ((x - mean) * inv_std, inv_std), dy)
+
+
 def _images(a):
     return a.reshape(-1, *a.shape[-3:])  # (..., H, W, C) -> (N, H, W, C)
 
@@ -281,6 +342,61 @@ def bce_sign(self, cache):
     return -cache
 
 
+def dropout_no_scale(self, params, scaled_mask, dy):
+    return {}, dy if scaled_mask is None else dy * (scaled_mask > 0)  # the mask, without its 1/(1 - rate)
+
+
+# --- buggy per-example hooks: the batch gradient is right, clipping is not ----------------
+# Each bug is planted in the hook a train step runs on the layer (``call_per_example_backward``:
+# per_example_backward where the layer has it, else per_example_sq_norms / per_example_weighted_grads),
+# as a correction of the real hook's result, so it follows the layer's implementation.
+
+
+def hook_bug(cls, *, sq_norms: Callable | None = None, weighted: Callable | None = None) -> tuple[dict, str]:
+    """``(methods, hook)`` for a Mutant: ``sq_norms(self, cache, dy, right)`` / ``weighted(self, params, cache, dy,
+    right)`` turn the right result into the buggy one, in the hook the step runs on ``cls``."""
+    if callable(getattr(cls, "per_example_backward", None)):
+
+        def per_example_backward(self, params, cache, dy):
+            sq, dx, weighted_grads = cls.per_example_backward(self, params, cache, dy)
+            if sq_norms is not None:
+                sq = sq_norms(self, cache, dy, sq)
+            if weighted is not None:
+                return sq, dx, lambda w: weighted(self, params, cache, dy, weighted_grads(w))
+            return sq, dx, weighted_grads
+
+        return {"per_example_backward": per_example_backward}, "per_example_backward"
+    if sq_norms is not None:
+
+        def norms(self, params, cache, dy):
+            return sq_norms(self, cache, dy, cls.per_example_sq_norms(self, params, cache, dy))
+
+        return {"per_example_sq_norms": norms}, "per_example_sq_norms"
+
+    def weighted_grads(self, params, cache, dy, weights):
+        return weighted(self, params, cache, dy, cls.per_example_weighted_grads(self, params, cache, dy, weights))
+
+    return {"per_example_weighted_grads": weighted_grads}, "per_example_weighted_grads"
+
+
+def without_bias_norms(self, cache, dy, right):
+    return right - per_example_bias_sq_norms(dy)  # ||db_i||^2 left out (a bias added at every position)
+
+
+def bias_unweighted(self, params, cache, dy, right):
+    return {**right, "b": per_example_bias_grads(dy).sum(axis=0)}  # sum_i db_i, not sum_i w_i db_i
+
+
+def recurrent_unweighted(self, params, cache, dy, right):
+    return {**right, "U": self.backward(params, cache, dy)[0]["U"]}  # sum_i dU_i, not sum_i w_i dU_i
+
+
+_DENSE_HOOK = hook_bug(fbp.Dense, sq_norms=without_bias_norms)
+_CONV_HOOK = hook_bug(fbp.Conv2D, weighted=bias_unweighted)
+_RNN_HOOK = hook_bug(SimpleRNN, weighted=recurrent_unweighted)
+_ATTENTION_HOOK = hook_bug(MultiHeadAttention, sq_norms=without_bias_norms)  # the output projection's bias
+
+
 # --- the list ------------------------------------------------------------------
 
 _MLP_FIRST = Stack(("*", fbp.Tanh(), fbp.Dense(3)))
@@ -323,7 +439,7 @@ MUTANTS = [
            forward=layernorm_stale_forward),
     Mutant("layernorm: naive variance (float32 only)", fbp.LayerNorm(), layernorm_naive_variance,
            Stack(("*", fbp.Dense(3)), inputs="offset"), "[0]", "[0]['scale']", forward=layernorm_cache_x,
-           hidden={"dtype": "float64"}),
+           hidden={"dtype": "float64"}, methods={"per_example_sq_norms": layernorm_norms_from_x}),
     Mutant("conv2d: dx with the kernel unflipped", fbp.Conv2D(2), conv_dx_unflipped,
            Stack((fbp.Conv2D(2), fbp.Tanh(), "*", fbp.Flatten(), fbp.Dense(3)), inputs="image"), "[2]", "[0]['W']"),
     Mutant("conv2d: db mean over positions instead of sum", fbp.Conv2D(2), conv_db_mean, _IMAGE_FIRST, "[0]",
@@ -341,6 +457,18 @@ MUTANTS = [
            "loss", "[2]['W']"),
     Mutant("binary cross-entropy: sign flipped", fbp.BinaryCrossEntropy(), bce_sign,
            Stack((fbp.Dense(6), fbp.Tanh(), fbp.Dense(1)), loss="*", targets="binary"), "loss", "[0]['W']"),
+    Mutant("dropout: 1/(1 - rate) scale missing (with a key only)", fbp.Dropout(0.5), dropout_no_scale, _MLP_MIDDLE,
+           "[1]", "[0]['W']", random=True, hidden={"key": None}),
+    # per-example hooks: right batch gradients, wrong clipping; named by layer and hook
+    Mutant("dense hook: per-example norm missing ||db_i||^2", fbp.Dense(5), None, _MLP_FIRST, "[0]", "[0] sq_norms",
+           methods=_DENSE_HOOK[0], hook=_DENSE_HOOK[1]),
+    Mutant("conv2d hook: weighted bias gradient ignores the weights", fbp.Conv2D(2), None, _IMAGE_FIRST, "[0]",
+           "[0] weighted['b']", methods=_CONV_HOOK[0], hook=_CONV_HOOK[1]),
+    Mutant("simple_rnn hook: weighted dU ignores the weights", SimpleRNN(4), None, SequenceStack(("*", fbp.Dense(3))),
+           "[0]", "[0] weighted['U']", methods=_RNN_HOOK[0], hook=_RNN_HOOK[1]),
+    Mutant("attention hook: per-example norm missing ||dbo_i||^2", MultiHeadAttention(2, causal=True), None,
+           SequenceStack((fbp.Dense(6), "*", fbp.Dense(3)), time=5, features=4), "[1]", "[1] sq_norms",
+           methods=_ATTENTION_HOOK[0], hook=_ATTENTION_HOOK[1]),
 ]
 # fmt: on
 
@@ -356,6 +484,15 @@ ISSUE_3 = {
 BY_NAME = {m.name: m for m in MUTANTS}
 
 
+def everything() -> list[Mutant]:
+    """``MUTANTS`` and the sequence and attention layers' (``registry_sequences``, ``registry_attention``)."""
+    import registry  # noqa: F401 - first: the two below need registry.LayerCase while they load
+    import registry_attention
+    import registry_sequences
+
+    return MUTANTS + registry_sequences.MUTANTS + registry_attention.MUTANTS
+
+
 def problems(mutant: Mutant, report) -> list[str]:
     """What is wrong with ``report`` as the verdict on ``mutant`` (empty: caught and named right)."""
     found = []
@@ -365,9 +502,14 @@ def problems(mutant: Mutant, report) -> list[str]:
         found.append(f"first wrong layer {report.first_bad_path}, expected {mutant.wrong_layer}")
     if mutant.wrong_leaf not in report.failed_leaves:
         found.append(f"leaf {mutant.wrong_leaf} not flagged")
+    if mutant.hook is not None and not (report.first_bad_hook or "").endswith(f".{mutant.hook}"):
+        found.append(f"first wrong hook {report.first_bad_hook}, expected {mutant.hook}")
     if mutant.wrong_layer != "loss":
         # gradients of the layers after the wrong one do not depend on the bug: none may be flagged
-        after = [p for p in report.failed_leaves if _top_layer(p) > _top_layer(mutant.wrong_layer)]
+        # (rows of the whole model, "model ...", are no layer's)
+        after = [
+            p for p in report.failed_leaves if p.startswith("[") and _top_layer(p) > _top_layer(mutant.wrong_layer)
+        ]
         found += [f"leaves after the wrong layer flagged: {after}"] if after else []
     return found
 

@@ -199,7 +199,7 @@ def _layer_norm(layer, params, x):
 def _dropout(layer, x, key):
     if key is None:
         return x
-    keep = np.asarray(jax.random.bernoulli(key, 1.0 - layer.rate, x.shape))  # the mask, drawn as the layer does
+    keep = np.asarray(jax.random.uniform(key, x.shape, jnp.float32) < 1.0 - layer.rate)  # the mask, drawn as the layer does
     return x * keep / (1.0 - layer.rate)
 
 

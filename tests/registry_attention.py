@@ -3,8 +3,8 @@
 ``CASES`` has the form of ``registry.CASES`` (layer class -> LayerCase tuple);
 ``reference_forward`` computes each layer in float64 numpy from its formula,
 never by calling the layer; ``MUTANTS`` has the form of ``mutants.MUTANTS``
-(its models take sequences ``(batch, time, features)`` with labels
-``(batch, time)``, built by ``SequenceStack``).
+(its models take sequences ``(batch, 5, 4)`` with labels ``(batch, 5)``, built
+by ``mutants.SequenceStack``), run by test_mutants with the rest.
 
 Import ``registry`` before this module (``registry`` may merge these cases in
 at its end; this module needs ``registry.LayerCase`` when it loads).
@@ -12,7 +12,6 @@ at its end; this module needs ``registry.LayerCase`` when it loads).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import registry
-from mutants import Mutant, Stack
+from mutants import Mutant, SequenceStack, Stack
 from registry import LayerCase
 
 import fbp
@@ -177,34 +176,8 @@ def positional_mean_not_sum(self, params, cache, dy):
     return {"W": jnp.pad(rows, ((0, self.max_length - rows.shape[0]), (0, 0)))}, dy
 
 
-@dataclasses.dataclass(frozen=True)
-class SequenceStack:
-    """``mutants.Stack`` for sequences: x ``(batch, 5, 4)`` ~ N(0, 1), labels ``(batch, 5)`` in [0, 3).
-
-    Attributes:
-      layers: layers in order; ``"*"`` is where the mutant goes. The last must give 3 features.
-    """
-
-    layers: tuple
-    time: int = 5
-    features: int = 4
-
-    def build(self, mutant, dtype: str = "float32", batch: int = 4, seed: int = 0):
-        """``(model, loss, params, x, y)``, as ``Stack.build``; float64 needs ``jax.enable_x64``."""
-        model = fbp.Sequential([mutant if layer == "*" else layer for layer in self.layers])
-        key_x, key_y, key_params = jax.random.split(jax.random.PRNGKey(seed), 3)
-        x = jax.random.normal(key_x, (batch, self.time, self.features), jnp.dtype(dtype))
-        y = jax.random.randint(key_y, (batch, self.time), 0, 3)
-        params = model.init(key_params, x)
-        # biases start at 0 and RMSNorm scales at 1: perturb every leaf so that none hides a wrong gradient
-        leaves, tree = jax.tree_util.tree_flatten(params)
-        keys = jax.random.split(jax.random.fold_in(key_params, 1), len(leaves))
-        leaves = [a + 0.3 * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
-        return model, fbp.SoftmaxCrossEntropy(), jax.tree_util.tree_unflatten(tree, leaves), x, y
-
-
 _CAUSAL = MultiHeadAttention(2, causal=True)
-_ATTENTION = SequenceStack((fbp.Dense(6), "*", fbp.Dense(3)))
+_ATTENTION = SequenceStack((fbp.Dense(6), "*", fbp.Dense(3)), time=5, features=4)
 
 # fmt: off
 # one line each: name, correct layer, buggy backward, model, first wrong layer, a wrong leaf[, extras]
@@ -218,7 +191,7 @@ MUTANTS = [
     Mutant("rmsnorm: xhat mean(g xhat) term missing", RMSNorm(), rmsnorm_missing_term,
            Stack((fbp.Dense(6), "*", fbp.Dense(3))), "[1]", "[0]['W']"),
     Mutant("positional embedding: dW mean instead of sum over the batch", PositionalEmbedding(5),
-           positional_mean_not_sum, SequenceStack(("*", fbp.Dense(3))), "[0]", "[0]['W']", hidden={"batch": 1}),
+           positional_mean_not_sum, SequenceStack(("*", fbp.Dense(3)), time=5, features=4), "[0]", "[0]['W']", hidden={"batch": 1}),
 ]
 # fmt: on
 

@@ -5,21 +5,20 @@ Conv2D entry adds explicit-padding cases to registry's); ``reference_forward``
 computes each layer in float64 numpy from its formula, with plain Python loops
 over time, never by calling the layer; ``MUTANTS`` has the form of
 ``mutants.MUTANTS`` (planted backpropagation-through-time bugs in models built
-by ``SequenceStack``).
+by ``mutants.SequenceStack``), run by test_mutants with the rest.
 
 Import ``registry`` before this module (it needs ``registry.LayerCase``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from mutants import Mutant
+from mutants import Mutant, SequenceStack
 from registry import LayerCase
 
 import fbp
@@ -233,34 +232,6 @@ def birnn_dx_not_flipped(self, params, cache, dy):
     p, _, _, da, _ = self._deltas(params, cache, dy)
     dx_dirs = jax.vmap(lambda p, da: jnp.einsum("tng,fg->ntf", da, p["W"]))(p, da)
     return dparams, (dx_dirs[0] + dx_dirs[1]).reshape(dx.shape)  # the backward direction's dx left in reverse time
-
-
-@dataclasses.dataclass(frozen=True)
-class SequenceStack:
-    """``mutants.Stack`` for sequences: x ``(batch, 4, 3)`` ~ N(0, 1), labels in [0, 3).
-
-    Attributes:
-      layers: layers in order; ``"*"`` is where the mutant goes. The last gives 3 features.
-      per_step: labels ``(batch, time)`` for a model that keeps the time axis, else ``(batch,)``.
-    """
-
-    layers: tuple
-    per_step: bool = True
-    time: int = 4
-    features: int = 3
-
-    def build(self, mutant, dtype: str = "float32", batch: int = 4, seed: int = 0):
-        """``(model, loss, params, x, y)``, as ``Stack.build``; float64 needs ``jax.enable_x64``."""
-        model = fbp.Sequential([mutant if layer == "*" else layer for layer in self.layers])
-        key_x, key_y, key_params = jax.random.split(jax.random.PRNGKey(seed), 3)
-        x = jax.random.normal(key_x, (batch, self.time, self.features), jnp.dtype(dtype))
-        y = jax.random.randint(key_y, (batch, self.time) if self.per_step else (batch,), 0, 3)
-        params = model.init(key_params, x)
-        # Dense biases start at 0: perturb every leaf so that none hides a wrong gradient
-        leaves, tree = jax.tree_util.tree_flatten(params)
-        keys = jax.random.split(jax.random.fold_in(key_params, 1), len(leaves))
-        leaves = [a + 0.3 * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
-        return model, fbp.SoftmaxCrossEntropy(), jax.tree_util.tree_unflatten(tree, leaves), x, y
 
 
 _SEQUENCE_FIRST = SequenceStack(("*", fbp.Dense(3)))

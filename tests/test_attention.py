@@ -4,8 +4,8 @@ Forward against jax.nn.dot_product_attention and a numpy formula; backward
 against jax.vjp of the layer's own forward and of a dot_product_attention
 forward, and float64 finite differences (fbp.check_gradients, on a GPT-style
 model with a cross-entropy over every position); the per-example hooks against
-jax.vmap of the layer's own backward over single examples; the planted bugs of
-registry_attention.MUTANTS caught and named.
+jax.vmap of the layer's own backward over single examples. The planted bugs of
+registry_attention.MUTANTS run in test_mutants with the rest.
 """
 
 from __future__ import annotations
@@ -16,15 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import registry  # noqa: F401 - first: registry_attention needs registry.LayerCase while it loads
-from mutants import problems
 from registry import array, make_params
-from registry_attention import (
-    CORRECT_TWIN,
-    MUTANTS,
-    cache_bytes,
-    gpt,
-    reference_forward,
-)
+from registry_attention import cache_bytes, gpt, reference_forward
 
 import fbp
 from fbp.grads import clipped_value_and_grad
@@ -196,24 +189,6 @@ def test_gpt_ghost_clipping_equals_vmap(x64):
     fast, vmap = jax.jit(paths)(params, ids, labels)
     chex.assert_trees_all_close(fast, vmap, rtol=1e-10, atol=1e-12)
     assert float(fast[1][2].min()) > 0.05  # every example was clipped
-
-
-@pytest.mark.parametrize("mutant", MUTANTS, ids=[m.name for m in MUTANTS])
-def test_mutant_is_caught_and_named(mutant):
-    with jax.enable_x64(mutant.dtype == "float64"):
-        report = fbp.check_gradients(*mutant.build())
-    assert not problems(mutant, report), f"{mutant.name}: {problems(mutant, report)}\n{report}"
-
-
-def test_correct_twin_of_the_attention_mutants_passes():
-    report = fbp.check_gradients(*CORRECT_TWIN.build())
-    assert report.ok, str(report)
-
-
-@pytest.mark.parametrize("mutant", [m for m in MUTANTS if m.hidden], ids=lambda m: m.name)
-def test_mutant_passes_where_its_bug_does_not_exist(mutant):
-    report = fbp.check_gradients(*mutant.build(batch=mutant.hidden["batch"]))
-    assert report.ok, f"{mutant.name} under {mutant.hidden}\n{report}"
 
 
 # --- bad input ------------------------------------------------------------------------------------------

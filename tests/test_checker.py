@@ -2,6 +2,9 @@
 
 The six planted bugs of issue 3 are entries of tests/mutants.py, checked here
 next to their correct twins; the rest of the list runs in test_mutants.py.
+Issue 13: stochastic layers are checked with a key (the same mask in every
+precision), every per-example hook a train step runs is checked against jax.vmap
+of its layer's own backward, and inputs the checker cannot judge are refused.
 """
 
 from __future__ import annotations
@@ -13,12 +16,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from mutants import BY_NAME, ISSUE_3, cross_entropy_no_mean_forward, dense_dW_transposed, mutate, problems
+from mutants import (
+    BY_NAME,
+    ISSUE_3,
+    cross_entropy_no_mean_forward,
+    dense_dW_transposed,
+    dropout_no_scale,
+    mutate,
+    problems,
+)
 from registry import ParallelSum
 
 import fbp
 from fbp import check
 from fbp.check import GradientCheckError, check_layer, check_loss, finite_diff
+from fbp.check.hooks import FALLBACK
+from fbp.layers.base import call_per_example_backward
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # XLA's optimisations: compile time, no other effect here
 
@@ -82,7 +95,8 @@ def test_correct_cnn_with_residual_passes(dtype):
         report = fbp.check_gradients(*_case(_cnn_residual(), dtype, shape=(6, 6, 2)))
     assert report.ok, str(report)
     assert report.dtype == dtype
-    assert {r.check for r in report.rows} == {"autodiff", "finite-diff", "per-example"}
+    assert {r.check for r in report.rows} - set(check.HOOKS) == {"autodiff", "finite-diff", "per-example"}
+    assert report.hook_layers == 4  # both Conv2D, the Residual and the model: the per-example hooks the step runs
     report.raise_if_failed()  # a pass raises nothing
 
 
@@ -134,6 +148,7 @@ def test_a_one_percent_error_in_one_weight_gradient_fails():
     assert not report.ok
     assert report.failed_leaves == ["[2]['W']"]  # only that leaf: the others are right
     assert report.first_bad_layer == "[2] ScaledDense(3)"
+    assert report.hook_layers == 0 and report.first_bad_hook is None  # hooks are checked against a right backward
     with pytest.raises(GradientCheckError, match=r"first wrong layer: \[2\] ScaledDense\(3\)"):
         report.raise_if_failed()
 
@@ -251,3 +266,150 @@ def test_tolerances_scale_with_the_dtype():
     edge[2] += 0.02 * 1e-3 * rms
     assert not check.compare_leaf("t", "p", r, edge, rtol=1e-3).ok
     assert check.compare_leaf("t", "p", r, edge, rtol=1e-3, noise=1e-3).ok
+
+
+# --- randomness: Dropout checked with a key, the same mask in every precision -----------------
+
+
+def test_dropout_draws_the_same_mask_with_and_without_x64():
+    """The checker's float64 reruns must see the float32 step's mask: the mask depends on key and shape only."""
+    layer, key = fbp.Dropout(0.3), jax.random.PRNGKey(5)
+    mask = layer.forward({}, jnp.ones((64,), jnp.float32), key=key)[1]
+    with jax.enable_x64(True):
+        mask64 = layer.forward({}, jnp.ones((64,), jnp.float64), key=key)[1]
+        mask_x64_float32 = layer.forward({}, jnp.ones((64,), jnp.float32), key=key)[1]
+    np.testing.assert_array_equal(np.asarray(mask) > 0, np.asarray(mask64) > 0)
+    np.testing.assert_array_equal(np.asarray(mask) > 0, np.asarray(mask_x64_float32) > 0)
+    assert 0 < int((np.asarray(mask) > 0).sum()) < 64
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_check_layer_catches_a_dropout_scale_bug_with_a_key(dtype):
+    """Issue 13: in float32 the float64 noise rerun drew another mask, which widened the tolerance enough."""
+    with jax.enable_x64(dtype == "float64"):
+        x = jax.random.normal(jax.random.PRNGKey(1), (4, 6), dtype)
+        key = jax.random.PRNGKey(3)
+        assert check_layer(fbp.Dropout(0.5), {}, x, key=key).ok
+        assert not check_layer(mutate(fbp.Dropout(0.5), dropout_no_scale), {}, x, key=key).ok
+        assert check_layer(mutate(fbp.Dropout(0.5), dropout_no_scale), {}, x).ok  # no key: the identity, no bug
+
+
+def test_check_gradients_uses_the_key_in_every_witness():
+    """A model with Dropout passes with a key; the key really reaches the model (dropout is not the identity)."""
+    model = fbp.Sequential([fbp.Dense(6), fbp.Dropout(0.5), fbp.Tanh(), fbp.Dense(3)])
+    case = _case(model)
+    key = jax.random.PRNGKey(11)
+    report = fbp.check_gradients(*case, key=key)
+    assert report.ok, str(report)
+    assert {r.check for r in report.rows} >= {"autodiff", "finite-diff", "per-example"}
+    _, _, params, x, _ = case
+    assert not np.allclose(model.apply(params, x, key=key), model.apply(params, x))
+
+
+# --- per-example hooks: checked against jax.vmap of each layer's own backward ------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class NoHooks:
+    """A user layer y = x W with no per-example hooks: the step runs the protocol's fallbacks on it."""
+
+    features: int = 3
+
+    def init(self, key, x):
+        return {"W": jax.random.normal(key, (x.shape[-1], self.features), x.dtype)}
+
+    def apply(self, params, x, *, key=None):
+        return x @ params["W"]
+
+    def forward(self, params, x, *, key=None):
+        return self.apply(params, x), x
+
+    def backward(self, params, x, dy):
+        return {"W": x.reshape(-1, x.shape[-1]).T @ dy.reshape(-1, dy.shape[-1])}, dy @ params["W"].T
+
+
+@dataclasses.dataclass(frozen=True)
+class RaisingHookDense(fbp.Dense):
+    def per_example_sq_norms(self, params, x, dy):
+        raise ValueError("not written yet")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForgetfulParallelSum(ParallelSum):
+    """ParallelSum whose per_example_backward forgets the right branch's norms: a combinator's own wiring bug."""
+
+    def per_example_backward(self, params, cache, dy):
+        sq_left, dx_left, left = call_per_example_backward(self.left, params["left"], cache[0], dy)
+        _, dx_right, right = call_per_example_backward(self.right, params["right"], cache[1], dy)
+        return sq_left, dx_left + dx_right, lambda w: {"left": left(w), "right": right(w)}
+
+
+def test_every_hook_the_step_runs_is_checked_and_named_by_layer():
+    model = fbp.Sequential(
+        [fbp.Dense(5), fbp.Tanh(), fbp.Residual(fbp.Sequential([fbp.Dense(5), fbp.LayerNorm()])), NoHooks(3)]
+    )
+    report = fbp.check_gradients(*_case(model))
+    assert report.ok, str(report)
+    hooks = {(r.path.split(" ")[0], r.check) for r in report.rows if r.check in check.HOOKS + (FALLBACK,)}
+    assert hooks >= {
+        ("[0]", "per_example_sq_norms"),
+        ("[0]", "per_example_weighted_grads"),
+        ("[2].block[0]", "per_example_sq_norms"),
+        ("[2].block[1]", "per_example_sq_norms"),
+        ("[2].block[1]", FALLBACK),  # LayerNorm has no weighted hook: the step falls back to backward
+        ("[3]", FALLBACK),  # no hooks at all: jax.vmap of its backward
+        ("model", "per_example_backward"),
+    }
+    assert report.hook_layers == 5
+    dx = next(r for r in report.rows if r.path == "model dx")
+    assert dx.shape == (4, 5) and dx.ok
+
+
+def test_a_hook_that_raises_is_a_failing_row_naming_layer_and_hook():
+    report = fbp.check_gradients(*_case(_mlp(first=RaisingHookDense(5))))
+    assert not report.ok
+    assert report.first_bad_layer == "[0] RaisingHookDense(5)"
+    assert report.first_bad_hook == "[0] RaisingHookDense(5).per_example_sq_norms"
+    assert "raised ValueError: not written yet" in str(report)
+    assert "first wrong hook: [0] RaisingHookDense(5).per_example_sq_norms" in str(report)
+
+
+def test_a_combinator_that_wires_its_childrens_hooks_wrong_is_named():
+    """Its children's hooks pass, the model's fail: the second pass finds the combinator itself."""
+    model = _mlp(last=ForgetfulParallelSum(fbp.Dense(3), fbp.Dense(3)))
+    report = fbp.check_gradients(*_case(model))
+    assert report.first_bad_layer == "[2] ForgetfulParallelSum(Dense(3), Dense(3))", str(report)
+    assert report.first_bad_hook.endswith(".per_example_backward")
+    assert "[2] sq_norms" in report.failed_leaves and "[2] weighted['right']['W']" not in report.failed_leaves
+
+
+def test_hooks_are_checked_with_the_dropout_key():
+    model = fbp.Sequential([fbp.Dense(6), fbp.Dropout(0.5), fbp.Dense(3)])
+    report = fbp.check_gradients(*_case(model), key=jax.random.PRNGKey(2))
+    assert report.ok and report.hook_layers == 3, str(report)
+
+
+def test_check_layer_checks_the_hooks_of_a_batched_layer():
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 5))
+    dense = fbp.Dense(3)
+    params = dense.init(jax.random.PRNGKey(2), x)
+    report = check_layer(dense, params, x, hooks=True)
+    assert report.ok and {r.check for r in report.rows} == {"vjp", "per_example_sq_norms", "per_example_weighted_grads"}
+    planted = mutate(dense, methods=BY_NAME["dense hook: per-example norm missing ||db_i||^2"].methods)
+    assert [r.path for r in check_layer(planted, params, x, hooks=True).rows if not r.ok] == ["model sq_norms"]
+
+
+# --- what the checker refuses: inputs it cannot judge --------------------------------------------
+
+
+def test_nan_in_the_labels_is_blamed_on_the_data_not_the_loss():
+    model, loss, params, x, _ = _case(_mlp(last=fbp.Dense(2)), loss=fbp.MSE())
+    y = jnp.zeros((4, 2)).at[2, 1].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"check_gradients: y \(4, 2\) holds 1 non-finite value.*index \(2, 1\).*data"):
+        fbp.check_gradients(model, loss, params, x, y)
+
+
+def test_a_list_of_layers_is_not_a_model():
+    _, loss, params, x, y = _case(_mlp())
+    with pytest.raises(TypeError, match=r"check_gradients: expected a layer .* got a list.*fbp.Sequential\(\[\.\.\.\]\)"):
+        fbp.check_gradients([fbp.Dense(5), fbp.Tanh(), fbp.Dense(3)], loss, params, x, y)

@@ -90,6 +90,16 @@ ERROR_CASES = [
     ErrorCase("labels-out-of-range", lambda z, t: fbp.SoftmaxCrossEntropy()(z, t),
               (ones(4, 3), jnp.array([0, 1, 2, 3])), ValueError,
               "SoftmaxCrossEntropy: labels must lie in [0, 3), got values in [0, 3]", traceable=False),
+    ErrorCase("probabilities-negative", lambda z, t: fbp.SoftmaxCrossEntropy()(z, t),
+              (ones(2, 3), jnp.array([[1.5, -0.5, 0.0], [0.0, 1.0, 0.0]])), ValueError,
+              "SoftmaxCrossEntropy: probability targets must be >= 0 and sum to 1 over the last axis, got a row "
+              "summing to 1 (min -0.5) at index (0,)", traceable=False),
+    ErrorCase("bce-target-nan", lambda z, t: fbp.BinaryCrossEntropy()(z, t),
+              (ones(2, 1), jnp.array([[jnp.nan], [0.5]])), ValueError,
+              "BinaryCrossEntropy: targets must lie in [0, 1], got values in [0.5, 0.5] and NaN", traceable=False),
+    # no features to normalise over: caught where the shape is known, at trace time
+    ErrorCase("layernorm-no-features", lambda x: LAYER_NORM.init(KEY, x), (ones(2, 0),), ValueError,
+              "LayerNorm(): expected at least one feature to normalise over, got x of shape (2, 0)"),
     # mismatched batch sizes between x and y
     ErrorCase("batch-mismatch-per-example", lambda x, y: fbp.value_and_grad(MLP, fbp.MSE(), per_example=True)(
         MLP_PARAMS, x, y), (ones(4, 5), ones(3, 2)), ValueError,

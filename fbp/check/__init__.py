@@ -12,7 +12,15 @@ Three independent witnesses (``check_gradients``, in ``gradients.py``):
    single examples) against the batch manual gradient. Catches a backward that
    is right for one example and wrong for a batch.
 
-When any fails, every layer is checked on its own (``check_layer``: its
+Then a fourth, for the fast paths a train step takes: every layer's
+per-example hooks (``per_example_sq_norms``, ``per_example_weighted_grads``,
+``per_example_backward``: clipping at the cost of a batch gradient) against
+jax.vmap of that layer's own backward over single examples, at the input it
+sees in the model (``hooks.py``), naming the first wrong layer and hook.
+Every witness takes the model's PRNG key (``key=``), so Dropout is checked
+with a mask, the same mask in every precision.
+
+When any of the first three fails, every layer is checked on its own (``check_layer``: its
 backward against jax.vjp with a random cotangent, on the input it really sees
 in the model), then the loss (its backward against jax.grad), and the report
 names the first one, in forward order, that disagrees (``locate.py``; it
@@ -22,13 +30,14 @@ same search runs on the first example alone.
 The rooms: ``report.py`` (what comes back), ``tolerance.py`` (the tolerance
 rule, its constants and ``Tolerance``), ``compare.py`` (leaf comparison),
 ``finite_diff.py``, ``layer.py`` (``check_layer``, ``check_loss``),
-``locate.py`` (the first-wrong-layer search), ``gradients.py``
-(``check_gradients``). Imports run in that order.
+``locate.py`` (the first-wrong-layer search), ``hooks.py`` (the hook witness,
+``check_hooks``), ``gradients.py`` (``check_gradients``). Imports run in that order.
 """
 
 from fbp.check.compare import compare_leaf, compare_trees
 from fbp.check.finite_diff import FD_STEPS
 from fbp.check.gradients import check_gradients
+from fbp.check.hooks import HOOKS, HookCheck, check_hooks
 from fbp.check.layer import check_layer, check_loss
 from fbp.check.locate import find_first_bad_layer
 from fbp.check.report import GradientCheckError, GradientReport, LayerReport, LeafCheck
@@ -46,14 +55,17 @@ __all__ = [
     "DEFAULT_RTOL",
     "FD_RTOL",
     "FD_STEPS",
+    "HOOKS",
     "NOISE_FACTOR",
     "SUM_FACTOR",
     "GradientCheckError",
     "GradientReport",
+    "HookCheck",
     "LayerReport",
     "LeafCheck",
     "Tolerance",
     "check_gradients",
+    "check_hooks",
     "check_layer",
     "check_loss",
     "compare_leaf",

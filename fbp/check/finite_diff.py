@@ -29,12 +29,19 @@ FD_STEPS = (1.0, 0.1, 0.01)  # step multiples; the closest estimate counts (kink
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """The loss of ``model`` on the batch (x, y) as a function of params, in any precision."""
+    """The loss of ``model`` on the batch (x, y) as a function of params, in any precision.
+
+    ``key`` is the model's PRNG key (None: inference mode). It is the same key in
+    every precision, and fbp's random layers draw the same numbers from it in
+    each (Dropout's mask depends on the key and the shape only), so the loss
+    differenced in float64 is the very function checked in the dtype.
+    """
 
     model: Any
     loss: Any
     x: Any
     y: Any
+    key: Any = None
 
     def inputs(self, params, dtype):
         """(params, x, y) with their floats cast to ``dtype`` (under jit, x64)."""
@@ -43,7 +50,7 @@ class Objective:
     def at(self, params, dtype):
         """The loss at ``params``, computed in ``dtype``."""
         params, x, y = self.inputs(params, dtype)
-        return self.loss(self.model.apply(params, x), y)
+        return self.loss(self.model.apply(params, x, key=self.key), y)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ import numpy as np
 from fbp.check.compare import by_path, cast, compare_leaf, compare_trees, is_float, to_float64
 from fbp.check.report import LayerReport, failed_row, raised_row
 from fbp.check.tolerance import NOISE_FACTOR, Tolerance, larger, precision_of
+from fbp.grads import check_is_layer
 from fbp.layers.base import describe
 
 # cotangent keys are salted: an unsalted PRNGKey(seed) (or its fold_in / split) is often the very key
@@ -114,6 +115,7 @@ def check_layer(
     rtol: float | None = None,
     atol: float = 0.0,
     noise_factor: float = NOISE_FACTOR,
+    hooks: bool = False,
 ) -> LayerReport:
     """Check one layer's backward against jax.vjp of its apply, with a random cotangent.
 
@@ -121,21 +123,31 @@ def check_layer(
       layer: any object with init/apply/forward/backward.
       params: its parameters.
       x: an input it accepts (with or without a batch axis).
-      key: the layer's own PRNG key (Dropout); the same key is used for both sides.
+      key: the layer's own PRNG key (Dropout): both sides, and the float64 rerun
+        that measures rounding noise, use this key and so the same mask.
       seed: seeds the random cotangent dy ~ N(0, 1), shaped like y.
       rtol, atol, noise_factor: the tolerance rule (``fbp.check.tolerance``); rtol defaults by dtype.
+      hooks: x's first axis is a batch: also check the layer's per-example hooks
+        against jax.vmap of its backward (``fbp.check.hooks``), once that backward passes.
 
     Returns:
       A LayerReport with a row per dparams leaf and one for dx (which must be
-      None for integer inputs). A backward that raises is one failing row.
+      None for integer inputs), then the hook rows. A backward that raises is one failing row.
     """
+    check_is_layer(layer, "check_layer")
     dy_key = cotangent_key(seed, 0)
     try:
         pair = jax.jit(lambda p, x: layer_pair(layer, p, x, key, dy_key))(params, x)
     except Exception as error:  # noqa: BLE001 - see which side raised
         jax.jit(lambda p, x: layer.apply(p, x, key=key))(params, x)  # a broken forward raises here, as it should
         return LayerReport(describe(layer), [raised_row("manual", "backward", (), error)])
-    return layer_report(layer, pair, Tolerance(rtol, atol, noise_factor))
+    report = layer_report(layer, pair, Tolerance(rtol, atol, noise_factor))
+    if hooks and report.ok:
+        from fbp.check.hooks import check_hooks  # hooks.py builds on this module
+
+        found = check_hooks(layer, params, x, key=key, seed=seed, settings=Tolerance(rtol, atol, noise_factor))
+        report = LayerReport(report.layer, report.rows + found.rows)
+    return report
 
 
 def loss_gradient(loss, pred, y, dtype: str | None = None):

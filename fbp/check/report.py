@@ -18,8 +18,11 @@ class LeafCheck:
 
     Attributes:
       check: "autodiff", "finite-diff", "per-example", "vjp" or "manual" (the
-        manual backward raised).
-      path: the leaf, e.g. ``"[2]['W']"``; ``"dx"`` or ``"dpred"`` in layer reports.
+        manual backward raised); for the hook witness, the hook's name
+        ("per_example_sq_norms", "per_example_weighted_grads",
+        "per_example_backward", or "call_per_example_backward": the fallback).
+      path: the leaf, e.g. ``"[2]['W']"``; ``"dx"`` or ``"dpred"`` in layer reports; for a hook, the
+        layer's path and the part, e.g. ``"[0] sq_norms"``, ``"[0] weighted['b']"``, ``"[1] dx"``.
       shape: the reference's shape.
       max_abs_err: largest |c - r|.
       max_rel_err: largest |c - r| / (|r| + rms(r)); for finite-diff, / ||g||.
@@ -101,11 +104,15 @@ class GradientReport:
       rows: one LeafCheck per (witness, leaf).
       first_bad_layer: ``"[2] Dense(10)"``-style name (path, then layer) of the
         first layer whose own backward disagrees with jax.vjp; ``"loss MSE()"``
-        when only the loss's backward is wrong; None when nothing failed or no
-        single part is wrong on its own.
-      layer_report: that layer's LayerReport, or None.
+        when only the loss's backward is wrong; when every backward is right but
+        a per-example hook is not, the first layer with a wrong hook; None when
+        nothing failed or no single part is wrong on its own.
+      layer_report: that layer's LayerReport (of its backward, or of its hook), or None.
       dtype: the precision the tolerances were chosen for.
       rtol: the relative tolerance used.
+      first_bad_hook: ``"[0] Dense(5).per_example_sq_norms"``: the first layer (in
+        post-order) and hook that disagree with jax.vmap of its own backward, or None.
+      hook_layers: how many layers had their per-example hooks checked (0: not checked).
     """
 
     model: str
@@ -114,6 +121,8 @@ class GradientReport:
     layer_report: LayerReport | None
     dtype: str
     rtol: float
+    first_bad_hook: str | None = None
+    hook_layers: int = 0
 
     @property
     def ok(self) -> bool:
@@ -140,6 +149,8 @@ class GradientReport:
         if not self.ok:
             where = self.first_bad_layer or "no single layer or loss disagrees with jax on its own"
             text += f"\nfirst wrong layer: {where}"
+            if self.first_bad_hook is not None:
+                text += f"\nfirst wrong hook: {self.first_bad_hook} (against jax.vmap of the layer's own backward)"
             if self.layer_report is not None:
                 text += f"\n{self.layer_report}"
         return text

@@ -2,7 +2,9 @@
 
 One row per model x loss x dtype, printed as each check finishes; the full report
 of every failure follows the table, and the exit status is 1 if any check failed
-(2 for an unknown name).
+(2 for an unknown name). Each check covers the per-example hooks a clipped train
+step runs too (``fbp.check.hooks``); the last line counts the layers whose hooks
+were checked. Models with Dropout are checked with a key, so with a mask.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="check every hand-written backward in the model zoo against jax.grad and finite differences",
         description=(
             "Build each model of the zoo (fbp/zoo.py) with its loss and a small random batch, run "
-            "fbp.check_gradients (autodiff, finite differences, per-example), and print one table: "
+            "fbp.check_gradients (autodiff, finite differences, per-example, and every layer's per-example "
+            "hooks against jax.vmap of its own backward), and print one table: "
             "model, loss, dtype, rows checked, worst relative error, ok/FAIL. Failing reports follow "
             "in full. Rows appear as each check finishes. Exit status: 0 all ok, 1 a check failed, 2 an unknown "
             "model name."
@@ -68,12 +71,14 @@ class _RowPrinter:
 
 
 def _check_one(entry: zoo.ZooEntry, dtype, seed: int):
-    """(checked dtype, rows checked, worst relative error, ok, full report text) for one entry."""
+    """(checked dtype, rows checked, worst relative error, ok, full report text, layers whose hooks were checked)
+    for one entry."""
     with jax.enable_x64(dtype == jnp.float64):
         model, loss, params, x, y = entry.example(seed=seed, dtype=dtype)
-        report = check_gradients(model, loss, params, x, y, seed=seed)
+        # a key, as a train step passes one: a model with Dropout is checked with a mask (others ignore it)
+        report = check_gradients(model, loss, params, x, y, key=jax.random.PRNGKey(seed), seed=seed)
     worst = max((row.max_rel_err for row in report.rows), default=0.0)
-    return report.dtype, len(report.rows), worst, report.ok, str(report)
+    return report.dtype, len(report.rows), worst, report.ok, str(report), report.hook_layers
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,17 +94,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"fbp check: {error.args[0]}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    rows, failures = [], []
+    rows, failures, hook_layers = [], [], 0
     printer = _RowPrinter([name.split("/")[0] for name in entries], [type(e.loss).__name__ for e in entries.values()],
                           [jnp.dtype(dtype).name for dtype in DTYPES[args.dtype]])
     for dtype in DTYPES[args.dtype]:
         dtype_name = jnp.dtype(dtype).name
         for name, entry in entries.items():
             try:
-                checked, count, worst, ok, text = _check_one(entry, dtype, args.seed)
+                checked, count, worst, ok, text, hooked = _check_one(entry, dtype, args.seed)
             except Exception as error:  # noqa: BLE001 - a crash is a failed check, reported with the rest
-                checked, count, worst, ok = dtype_name, 0, float("nan"), False
+                checked, count, worst, ok, hooked = dtype_name, 0, float("nan"), False, 0
                 text = f"{type(error).__name__}: {error}"
+            hook_layers += hooked
             row = (name.split("/")[0], type(entry.loss).__name__, checked, str(count), f"{worst:.2e}")
             rows.append((*row, "ok" if ok else "FAIL"))
             printer.row(rows[-1])
@@ -110,5 +116,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n{len(failures)} of {len(rows)} checks FAILED ({seconds:.1f} s)\n")
         print("\n\n".join(failures))
         return 1
-    print(f"\nall {len(rows)} checks ok ({seconds:.1f} s)")
+    print(f"\nall {len(rows)} checks ok, with the per-example hooks of {hook_layers} layers ({seconds:.1f} s)")
     return 0

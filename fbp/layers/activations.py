@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import jax
@@ -38,6 +39,13 @@ class LeakyReLU(_Activation):
     """y = x if x > 0 else negative_slope * x. Cache: the mask x > 0."""
 
     negative_slope: float = 0.01
+
+    def __post_init__(self):
+        value = self.negative_slope
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"LeakyReLU: negative_slope must be a number, got {value!r} ({type(value).__name__})")
+        if not math.isfinite(value):
+            raise ValueError(f"LeakyReLU: negative_slope must be finite, got {value!r}")
 
     def apply(self, params, x, *, key=None):
         self._check(x)

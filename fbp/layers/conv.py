@@ -9,6 +9,7 @@ shared with the pools (fbp/layers/pool.py). Every layer accepts one example
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,8 +22,8 @@ from fbp.layers.base import (
     check_float,
     describe,
     param_dtype,
+    per_example_bias_grads,
     per_example_bias_sq_norms,
-    per_example_outer_sq_norms,
     weighted_grads_from_input,
 )
 from fbp.layers.initializers import check_weight_init, init_weight
@@ -225,30 +226,95 @@ class _Conv(Layer):
             dparams["b"] = dys.sum(axis=tuple(range(n + 1)))
         return dparams, dx.reshape(x.shape)
 
-    def per_example_sq_norms(self, params, x, dy):
-        """``||dW_i||^2 + ||db_i||^2`` for every example i of ``x: (batch, ..., *spatial, C)``.
+    def _windows(self, params, x, dy) -> list:
+        """Each kernel offset k's input window x_pad[p + k] over the output positions p, per example.
 
-        dW_i[k] = sum_p x_i[p + k]^T dy_i[p] over output positions p: for each
-        kernel offset k a Dense-like sum of outer products of the shifted input
-        window and dy, and ||dW_i||^2 adds over the offsets. One strided slice
-        per offset; no patches (prod(kernel) times the input) and no per-example
-        kernels are formed unless that is the cheaper form.
+        Returns ``prod(kernel)`` arrays ``(batch, T, C)`` in the order of ``W``'s kernel axes, with T every
+        output position of an example (its extra leading axes too): example i's kernel gradient at offset k
+        is ``windows[k][i]^T dy_i``. One strided slice each; no patches are formed.
         """
         batch, n = dy.shape[0], self._spatial
         xs, _, pads = self._as_batch(params, x)
         x_padded = jnp.pad(xs, ((0, 0), *pads, (0, 0)))
         out_shape = dy.shape[dy.ndim - n - 1 : -1]
-        dy3 = dy.reshape(batch, -1, dy.shape[-1])
-        sq = sum(
-            per_example_outer_sq_norms(
-                _window_slice(x_padded, offset, self._stride, out_shape).reshape(batch, -1, xs.shape[-1]), dy3
-            )
+        return [
+            _window_slice(x_padded, offset, self._stride, out_shape).reshape(batch, -1, xs.shape[-1])
             for offset in itertools.product(*(range(k) for k in self._kernel))
-        )
-        return sq + per_example_bias_sq_norms(dy) if self.use_bias else sq
+        ]
+
+    def _gram_form_is_smaller(self, params, dy) -> bool:
+        """Which per-example norm ``per_example_backward`` takes for ``dy: (batch, ..., *spatial_out, features)``.
+
+        The mixed rule of Bu et al. 2022 ("mixed ghost clipping"), by the memory each form holds per example:
+        the Gram form needs T x T (T output positions), the per-example gradient p x d (p = prod(kernel) * C,
+        d = features); the Gram form when 2 T^2 <= p d. (In FLOPs the per-example gradient costs T p d
+        against T^2 (p + d) for the Gram form, plus, for the Gram form only, the weighted gradient's own
+        convolution: the per-example gradient is the cheaper form at every size, and memory decides.)
+        """
+        positions = math.prod(dy.shape[1:-1])
+        return 2 * positions * positions <= math.prod(params["W"].shape)
+
+    def per_example_backward(self, params, x, dy):
+        """``(sq_norms, dx, weighted_grads)`` for ``x: (batch, ..., *spatial, C)`` (see ``call_per_example_backward``).
+
+        dW_i[k] = sum_p x_i[p + k]^T dy_i[p] over output positions p (one outer-product sum per kernel offset
+        k). By ``_gram_form_is_smaller``, either
+
+        - per-example gradients: every dW_i (batch, *kernel, C, features) from one batched product per
+          offset (with few input channels, one product over the patches); ||dW_i||^2 sums their squares,
+          and ``weighted_grads(w)`` = sum_i w_i dW_i reuses them, so the clipped step forms no kernel
+          gradient by convolution (its FLOPs are those of the batch step); or
+        - the Gram form (ghost norm, Li et al. 2021): ||dW_i||^2 = sum_{p,q} (sum_k x_i[p+k] . x_i[q+k])
+          (dy_i[p] . dy_i[q]), the input Gram summed over offsets (no patches), and ``weighted_grads(w)``
+          the backward convolution on the weighted input.
+
+        The bias adds ||sum_p dy_i[p]||^2. dx is ``backward``'s (under jit XLA drops its unused dW).
+        """
+        batch, features = dy.shape[0], dy.shape[-1]
+        dx = self.backward(params, x, dy)[1]
+        dtype = jnp.promote_types(jnp.result_type(x, dy), jnp.float32)  # norms in at least float32
+        dy3 = dy.reshape(batch, -1, features)
+        windows = self._windows(params, x, dy)
+        bias_sq = per_example_bias_sq_norms(dy) if self.use_bias else 0.0
+        if self._gram_form_is_smaller(params, dy):
+            gram_x = sum(jnp.einsum("bti,bsi->bts", a, a, preferred_element_type=dtype) for a in windows)
+            gram_dy = jnp.einsum("bto,bso->bts", dy3, dy3, preferred_element_type=dtype)
+            sq_norms = jnp.sum(gram_x * gram_dy, axis=(1, 2)) + bias_sq
+            return sq_norms, dx, lambda weights: weighted_grads_from_input(self, params, x, dy, weights)
+        kernel_size, channels = len(windows), windows[0].shape[-1]
+        if 2 * kernel_size * channels < (kernel_size - 1) * features:
+            # few input channels: one product over all windows (patches, kernel_size C x T per example) reads
+            # dy once, where one product per offset reads it kernel_size times; channels-first, so that each
+            # window is a block of T contiguous values and the product a plain batched matmul
+            patches = jnp.concatenate([jnp.swapaxes(a, 1, 2) for a in windows], axis=1)
+            grads = jnp.einsum("bit,bto->bio", patches, dy3, preferred_element_type=dtype)
+        else:
+            grads = jnp.stack([jnp.einsum("bti,bto->bio", a, dy3, preferred_element_type=dtype) for a in windows], 1)
+        grads = grads.reshape(batch, -1)  # example i's dW, flattened as W is
+        sq_norms = jnp.sum(jnp.square(grads), axis=1) + bias_sq
+
+        def weighted_grads(weights):
+            dW = jnp.tensordot(weights.astype(dtype), grads, axes=1)
+            dparams = {"W": dW.reshape(params["W"].shape).astype(jnp.result_type(x, dy))}
+            if self.use_bias:
+                dparams["b"] = weights.astype(dy.dtype) @ per_example_bias_grads(dy)
+            return dparams
+
+        return sq_norms, dx, weighted_grads
+
+    def per_example_sq_norms(self, params, x, dy):
+        """``||dW_i||^2 + ||db_i||^2`` for every example i of ``x: (batch, ..., *spatial, C)``: ``(batch,)``.
+
+        As ``per_example_backward`` computes them (the Gram form or the per-example gradients).
+        """
+        return self.per_example_backward(params, x, dy)[0]
 
     def per_example_weighted_grads(self, params, x, dy, weights):
-        """sum_i weights[i] g_i for ``x: (batch, ..., *spatial, C)``: dW from weights x and dy, db = weights^T db_i."""
+        """sum_i weights[i] g_i for ``x: (batch, ..., *spatial, C)``: dW from weights x and dy, db = weights^T db_i.
+
+        One backward convolution on the weighted input; ``per_example_backward`` instead reuses the
+        per-example gradients when it has formed them.
+        """
         return weighted_grads_from_input(self, params, x, dy, weights)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 
 from fbp.layers.base import Layer, check_array, check_float
 
@@ -16,6 +17,11 @@ class Dropout(Layer):
     Randomness is explicit: ``forward(params, x, key=key)``. Without a key (the
     default) the layer is the identity: inference mode. Cache: the scaled mask
     (None in inference mode), since dx = dy * mask / (1 - rate).
+
+    The mask depends on the key and x's shape only: it is drawn from float32
+    uniforms whatever x's dtype and whether x64 is on (``jax.random.bernoulli``
+    draws in the default float type, so its mask changes under x64), so a
+    float64 rerun of the same step (the gradient checker's) sees the same mask.
     """
 
     rate: float = 0.5
@@ -29,7 +35,7 @@ class Dropout(Layer):
         check_float(self, x)
         if key is None or self.rate == 0.0:
             return x, None
-        keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
+        keep = jax.random.uniform(key, x.shape, jnp.float32) < 1.0 - self.rate  # bernoulli's draw, fixed to float32
         scaled_mask = keep.astype(x.dtype) / (1.0 - self.rate)
         return x * scaled_mask, scaled_mask
 

@@ -19,11 +19,25 @@ class Embedding(Layer):
 
     Cache: ids. dW scatters dy into the looked-up rows (rows that repeat add up);
     the input is discrete, so dx is None.
+
+    Ids outside ``[0, num_embeddings)`` raise ValueError where their values are
+    known (eager calls; ``fbp.data`` and ``fbp train`` check data as it enters).
+    Under jit they cannot raise: there an out-of-range id (a negative one too,
+    which NumPy indexing would wrap to the last rows) looks up a row of NaN and
+    its gradient is dropped, so the loss is NaN and the train step's non-finite
+    guard skips the update (``metrics["finite"]`` is False; ``fbp train``
+    stops or counts it): never a silent update of another row.
     """
 
     num_embeddings: int
     features: int
     dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        for name in ("num_embeddings", "features"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"Embedding: {name} must be a positive int, got {value!r}")
 
     def init(self, key, x):
         self._check_ids(x)
@@ -44,12 +58,19 @@ class Embedding(Layer):
                     f"{describe(self)}: ids must lie in [0, {self.num_embeddings}), got values in [{low}, {high}]"
                 )
 
+    def _in_range(self, ids):
+        """Negative ids moved out of range too (to num_embeddings), so that none wraps around to the end."""
+        return jnp.where(ids < 0, self.num_embeddings, ids)
+
     def forward(self, params, ids, *, key=None):
         self._check_ids(ids)
-        return jnp.take(params["W"], ids, axis=0), ids
+        # an id out of range looks up NaN (mode="fill"): loud, where a wrapped or clamped row would be silent
+        y = jnp.take(params["W"], self._in_range(ids), axis=0, mode="fill", fill_value=jnp.nan)
+        return y, ids
 
     def backward(self, params, ids, dy):
-        dW = jnp.zeros_like(params["W"]).at[ids.reshape(-1)].add(dy.reshape(-1, self.features))
+        rows = self._in_range(ids).reshape(-1)  # out of range: dropped (mode="drop"), never another row
+        dW = jnp.zeros_like(params["W"]).at[rows].add(dy.reshape(-1, self.features), mode="drop")
         return {"W": dW}, None
 
     def per_example_sq_norms(self, params, ids, dy):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import jax
@@ -21,8 +23,20 @@ class LayerNorm(Layer):
 
     epsilon: float = 1e-5
 
+    def __post_init__(self):
+        value = self.epsilon
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"LayerNorm: epsilon must be a positive number (it keeps 1/std finite), got {value!r}")
+
+    def _check_features(self, x):
+        if x.shape[-1] == 0:
+            raise ValueError(
+                f"{describe(self)}: expected at least one feature to normalise over, got x of shape {tuple(x.shape)}"
+            )
+
     def init(self, key, x):
         check_array(self, x)
+        self._check_features(x)
         features = x.shape[-1]
         dtype = param_dtype(x)
         return {"scale": jnp.ones((features,), dtype), "bias": jnp.zeros((features,), dtype)}
@@ -34,6 +48,7 @@ class LayerNorm(Layer):
             raise ValueError(
                 f"{describe(self)}: expected x[..., {params['scale'].shape[0]}], got shape {tuple(x.shape)}"
             )
+        self._check_features(x)
         mean = x.mean(axis=-1, keepdims=True)
         centered = x - mean
         inv_std = jax.lax.rsqrt((centered * centered).mean(axis=-1, keepdims=True) + self.epsilon)
