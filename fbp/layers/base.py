@@ -209,6 +209,12 @@ def check_array(layer: Any, x, *, min_ndim: int = 1, what: str = "x") -> None:
         )
 
 
+def check_features(layer: Any, x, features: int) -> None:
+    """Raise ValueError unless ``x: (..., features)``: the width a layer's params were made for."""
+    if x.shape[-1] != features:
+        raise ValueError(f"{describe(layer)}: expected x[..., {features}], got shape {tuple(x.shape)}")
+
+
 def check_float(layer: Any, x, *, what: str = "x") -> None:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(

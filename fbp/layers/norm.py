@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from fbp.layers.base import Layer, check_array, check_float, describe, param_dtype, sum_leading
+from fbp.layers.base import Layer, check_array, check_features, check_float, describe, param_dtype, sum_leading
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,7 @@ class LayerNorm(Layer):
     def forward(self, params, x, *, key=None):
         check_array(self, x)
         check_float(self, x)
-        if x.shape[-1] != params["scale"].shape[0]:
-            raise ValueError(
-                f"{describe(self)}: expected x[..., {params['scale'].shape[0]}], got shape {tuple(x.shape)}"
-            )
+        check_features(self, x, params["scale"].shape[0])
         self._check_features(x)
         mean = x.mean(axis=-1, keepdims=True)
         centered = x - mean

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from fbp.layers.activations import GELU
 from fbp.layers.attention import MultiHeadAttention
-from fbp.layers.base import Child, Layer, check_array, check_float, describe, param_dtype, sum_leading
+from fbp.layers.base import Child, Layer, check_array, check_features, check_float, describe, param_dtype, sum_leading
 from fbp.layers.combinators import Residual, Sequential
 from fbp.layers.dense import Dense
 
@@ -46,10 +46,7 @@ class RMSNorm(Layer):
         """``key`` is ignored (no randomness); provided for compatibility."""
         check_array(self, x)
         check_float(self, x)
-        if x.shape[-1] != params["scale"].shape[0]:
-            raise ValueError(
-                f"{describe(self)}: expected x[..., {params['scale'].shape[0]}], got shape {tuple(x.shape)}"
-            )
+        check_features(self, x, params["scale"].shape[0])
         inv_rms = jax.lax.rsqrt((x * x).mean(axis=-1, keepdims=True) + self.epsilon)
         xhat = x * inv_rms
         return xhat * jax.lax.broadcast_to_rank(params["scale"], x.ndim), (xhat, inv_rms)
