@@ -1,7 +1,7 @@
 """Smoke test of ``fbp bench --quick`` as a new user meets it, and of the harness's parts.
 
-One quick run (module fixture) from a fresh working directory, with Flax and
-Equinox made unimportable: it must print its tables once, judge no target,
+One quick run (module fixture) from a fresh working directory, with Flax,
+Equinox and JAX-Privacy made unimportable: it must print its tables once, judge no target,
 name each skipped peer with the reason, and write only under ``--out``. No
 timing is asserted here (timings belong in benchmarks/RESULTS.md).
 """
@@ -24,6 +24,7 @@ import optax
 import pytest
 from jax import lax
 
+import fbp
 from fbp import bench, cli
 from fbp.bench import configs, targets, variants
 
@@ -43,7 +44,7 @@ def quick_run(tmp_path_factory):
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(cwd)
-        for module in ("flax", "equinox"):  # None in sys.modules: `import flax` fails as if not installed
+        for module in ("flax", "equinox", "jax_privacy"):  # None in sys.modules: as if not installed
             patch.setitem(sys.modules, module, None)
         with contextlib.redirect_stdout(stdout):
             code = cli.main(["bench", "--quick", "--rounds", "1", "--out", "out", "--results", str(results)])
@@ -80,7 +81,8 @@ def test_quick_run_judges_no_target(quick_run):
             "fbp manual FLOP/s / matmul peak"} <= names
     assert quick_run["report"]["configs"][0]["epoch_strategy"] == "scan"  # an mlp on CPU
     assert all(t["met"] is None for t in report["targets"])
-    table = out[out.index("## Targets"):out.index("## mlp")]
+    start = out.index("## Targets")
+    table = out[start:out.index("\n## ", start)]  # up to the next section
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert rows and all(line.endswith("| n/a (smoke config) |") for line in rows)
     assert "| NO |" not in out and "| yes |" not in out
@@ -90,9 +92,10 @@ def test_quick_run_names_each_skipped_peer(quick_run):
     lines = quick_run["stdout"].splitlines()
     assert "skipped flax-nnx: flax is not installed (pip install flax)" in lines
     assert "skipped equinox: equinox is not installed (pip install equinox)" in lines
-    assert set(quick_run["report"]["skipped"]) == {"flax-nnx", "equinox"}
+    assert "skipped jax-privacy: jax-privacy is not installed (pip install jax-privacy)" in lines
+    assert set(quick_run["report"]["skipped"]) == {"flax-nnx", "equinox", "jax-privacy"}
     names = {row["variant"] for row in quick_run["report"]["configs"][0]["rows"]}
-    assert not names & {"flax-nnx", "equinox"}
+    assert not names & {"flax-nnx", "equinox", "jax-privacy"}
     assert "- Skipped flax-nnx: flax is not installed" in quick_run["results"]
 
 
@@ -150,6 +153,52 @@ def test_peers_build_and_step_where_installed():
             variant = peer.build(cfg, optimizer, batches)
             variant.call()
             variant.block()
+
+
+def test_jax_privacy_peer_steps_and_agrees_with_fbp_where_installed():
+    """JAX-Privacy's row runs, and its clipped gradient equals fbp's on the first batch (float32 rounding)."""
+    pytest.importorskip("jax_privacy", reason="JAX-Privacy is not installed (pip install jax-privacy)")
+    cfg = bench.QUICK
+    batches = variants.make_batches(cfg, *jax.random.split(jax.random.PRNGKey(0)))
+    model = configs.fbp_model(cfg)
+    params = model.init(jax.random.PRNGKey(1), batches[0][0])
+    with jax.numpy_rank_promotion("allow"):
+        for microbatch_size in (None, 2):
+            variant = variants.jax_privacy_variant(cfg, params, optax.adam(1e-3), batches, microbatch_size)
+            variant.call()
+            variant.block()
+            agreement = variants.jax_privacy_agreement(cfg, model, fbp.SoftmaxCrossEntropy(), params, batches[0],
+                                                       microbatch_size)
+            assert agreement["relative"] < 1e-5, agreement
+
+
+def test_jax_privacy_rows_by_size():
+    small, large = bench.CONFIGS[0], bench.CONFIGS[2]  # b32 (26k params), b1024 (670k params)
+    assert variants.jax_privacy_microbatches(small, 26_122) == [None]
+    assert variants.jax_privacy_microbatches(bench.CONFIGS[1], 669_706) == [None, 32]  # b128: 8.6e7 floats
+    assert variants.jax_privacy_microbatches(large, 669_706) == [32]
+
+
+def test_dp_table_and_target_against_jax_privacy():
+    row = {"temp_bytes": 0, "peak_fraction": 0.5, "vs raw-jax": 1.0, "vs fbp manual": 1.0, "median_s": 0.001}
+    times = {"raw-jax": 1.0, "fbp manual": 1.0, "fbp default": 1.0, "fbp per_example": 1.0,
+             "fbp per_example + clip": 1.3, "jax-privacy": 40.0, "jax-privacy (microbatch 32)": 13.0}
+    rows = [dict(row, variant=name, times_s=[t]) for name, t in times.items()]
+    entry = {"config": {"name": bench.CONFIGS[1].name, "smoke": False}, "rows": rows,
+             "jax_privacy_agreement": {"max_abs_difference": 1e-9, "relative": 2e-7}}
+    judged = {t["target"]: t for t in targets.evaluate_targets([entry])}
+    lead = judged["per_example + clip / JAX-Privacy clipped step (its fastest row)"]
+    assert lead["met"] is True and lead["measured"] == pytest.approx(0.1)
+    markdown = bench.to_markdown({"environment": {"date": "d", "backend": "cpu", "device": "cpu", "device_count": 1,
+                                                  "machine": "m", "cpu_count": 2, "python": "3", "versions": {}},
+                                  "command": "c", "peak_size": 8, "rounds": 1, "round_seconds": 0.1, "quick": True,
+                                  "load_average": {"before": 0.1, "after": 0.1}, "configs": [], "targets": []})
+    assert "## DP-SGD clipping" not in markdown  # no config: no table
+    from fbp.bench.report import _dp_table
+
+    table = "\n".join(_dp_table({"configs": [entry]}))
+    assert "| mlp 784-512-512-10 b128 | 1.000 | 1.30x | 40.00x | 13.00x | 0.100 | 2.0e-07 |" in table
+    assert "Opacus" in table
 
 
 def test_targets_are_judged_on_full_runs_only():

@@ -30,6 +30,16 @@ def test_train_prints_epochs_and_writes_outputs(tmp_path, capsys):
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_dp_train_states_its_mechanism_and_prints_epsilon(tmp_path, capsys):
+    assert main([*TINY, "--per-example", "--clip-norm", "1", "--noise-multiplier", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "DP-SGD: clip norm 1, noise multiplier 1, delta 0.0001 (the default: 1/N rounded down" in out
+    assert "Poisson sampling: each of the 1438 examples joins a step with probability q = 64/1438" in out
+    assert out.count("  epsilon ") == 2 and " at epsilon " in out.splitlines()[-1]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < lines[0]["epsilon"] < lines[1]["epsilon"]
+
+
 def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert main([*TINY, "--epochs", "1", "--out", str(tmp_path)]) == 0
@@ -101,16 +111,20 @@ def _cli(out, *extra, env=None):
     return subprocess.run(command, check=False, env=environment, capture_output=True, text=True, timeout=120)
 
 
-def test_sigkill_during_save_then_resume_matches_an_uninterrupted_run(tmp_path):
-    assert _cli(tmp_path / "whole").returncode == 0
-    killed = _cli(tmp_path / "crash", env={checkpoint.KILL_HOOK: "2"})  # dies after writing epoch 2's arrays
+DP_POISSON = ["--per-example", "--clip-norm", "1", "--target-epsilon", "3"]  # calibrated noise, Poisson batches
+
+
+@pytest.mark.parametrize("extra", [[], DP_POISSON], ids=["plain", "dp-poisson"])
+def test_sigkill_during_save_then_resume_matches_an_uninterrupted_run(tmp_path, extra):
+    assert _cli(tmp_path / "whole", *extra).returncode == 0
+    killed = _cli(tmp_path / "crash", *extra, env={checkpoint.KILL_HOOK: "2"})  # dies after epoch 2's arrays
     assert killed.returncode == -signal.SIGKILL
     checkpoints = tmp_path / "crash" / "checkpoints"
     assert (checkpoints / "epoch_000002" / "state").is_dir()  # orbax committed, fbp's meta.json never came
     assert not (checkpoints / "epoch_000002" / checkpoint.META).exists()
     assert checkpoint.latest(checkpoints).name == "epoch_000001"
 
-    resumed = _cli(tmp_path / "crash", "--resume")
+    resumed = _cli(tmp_path / "crash", *extra, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     whole = checkpoint.read_meta(checkpoint.latest(tmp_path / "whole" / "checkpoints"))
     crash = checkpoint.read_meta(checkpoint.latest(checkpoints))
@@ -127,16 +141,17 @@ def test_sigkill_during_save_then_resume_matches_an_uninterrupted_run(tmp_path):
         ("train_cnn_digits.py", ["--epochs", "1"]),
         ("regression_mse.py", ["--epochs", "2"]),
         ("compare_grad_modes.py", ["--epochs", "1"]),
+        ("dp_tradeoff.py", ["--epochs", "1", "--noise", "2", "--seeds", "0"]),
     ],
 )
 def test_scripts_run(script, argv, tmp_path, monkeypatch, capsys):
-    if script == "compare_grad_modes.py":
-        argv = [*argv, "--out", str(tmp_path / "modes.png")]
+    if script in ("compare_grad_modes.py", "dp_tradeoff.py"):
+        argv = [*argv, "--out", str(tmp_path / "plot.png")]
     monkeypatch.setattr(sys, "argv", [script, *argv])
     runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")
     assert capsys.readouterr().out.strip()
-    if script == "compare_grad_modes.py":
-        assert (tmp_path / "modes.png").read_bytes()[:4] == b"\x89PNG"
+    if script in ("compare_grad_modes.py", "dp_tradeoff.py"):
+        assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_known_failure_is_one_line_and_debug_adds_the_traceback(tmp_path, capsys, monkeypatch):

@@ -63,6 +63,19 @@ MODELS = {
         fbp.Sequential([fbp.Conv2D(2, 3, stride=2), fbp.ReLU(), fbp.Flatten(), fbp.Dense(3)]),
         fbp.SoftmaxCrossEntropy(), _normal(2, 7, 7, 1), _labels(2),
     ),
+    # Conv2D's per_example_backward, both forms of the mixed rule (Bu et al. 2022): the first layer forms
+    # per-example gradients (2 T^2 > p d), from patches (one input channel); the second the Gram form
+    "conv-patches-then-gram": (
+        fbp.Sequential([
+            fbp.Conv2D(8, 3), fbp.ReLU(), fbp.MaxPool2D(2), fbp.Conv2D(8, 3), fbp.Tanh(), fbp.Flatten(), fbp.Dense(3),
+        ]),
+        fbp.SoftmaxCrossEntropy(), _normal(6, 6, 1), _labels(),
+    ),
+    # Conv1D, the Gram form in both layers (the second strided)
+    "conv1d-gram": (
+        fbp.Sequential([fbp.Conv1D(6, 3), fbp.ReLU(), fbp.Conv1D(4, 2, stride=2), fbp.Flatten(num_axes=2), fbp.Dense(3)]),
+        fbp.SoftmaxCrossEntropy(), _normal(6, 4), _labels(),
+    ),
     "layernorm-residual": (
         fbp.Sequential([
             fbp.Dense(6), fbp.Residual(fbp.Sequential([fbp.LayerNorm(), fbp.Dense(8), fbp.GELU(), fbp.Dense(6)])),

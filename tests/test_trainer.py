@@ -193,6 +193,13 @@ def test_check_gradients_aborts_on_a_wrong_backward(tmp_path, monkeypatch):
         ({"model": "resnet"}, "got kind .resnet."),
         ({"on_nonfinite": "ignore"}, "on_nonfinite must be one of stop, skip"),
         ({"precision": "fp8"}, "precision must be one of float32, bfloat16, float16"),
+        ({"per_example": True, "clip_norm": 1.0, "noise_multiplier": 1.0, "target_epsilon": 2.0}, "not both"),
+        ({"target_epsilon": 2.0}, r"needs per_example and clip_norm"),
+        ({"per_example": True, "clip_norm": 1.0, "target_epsilon": -1.0}, "target_epsilon must be a positive"),
+        ({"per_example": True, "clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1.5}, r"delta must lie in \(0, 1\)"),
+        ({"delta": 1e-5}, "delta is the delta of DP-SGD's epsilon"),
+        ({"sampling": "uniform"}, "sampling must be one of poisson, shuffle"),
+        ({"accountant": "moments"}, "accountant must be one of rdp, pld"),
     ],
 )
 def test_config_validation(changes, match):

@@ -1,4 +1,5 @@
-"""Train-step benchmark: fbp against a raw-JAX step, Flax NNX and Equinox, in one process.
+"""Train-step benchmark: fbp against a raw-JAX step, Flax NNX and Equinox (and DP-SGD's clipping against
+JAX-Privacy), in one process.
 
     fbp bench                    # every config: a few minutes on a 2-core CPU; files in ./fbp-bench/
     fbp bench --quick            # one tiny config in seconds: a smoke test, judges no target
@@ -22,7 +23,9 @@ floor: ``jax.value_and_grad`` + optax, returning the loss and the gradient norm
 as fbp's step does; fbp steps run with ``skip_nonfinite=False`` (the guarded
 default is its own row). Flax NNX and Equinox steps are written as their docs
 do (``nnx.jit``, ``eqx.filter_jit``) and return the loss; where one is not
-installed, the run says so and goes on without it.
+installed, the run says so and goes on without it. DP-SGD: fbp's clipped step
+against JAX-Privacy's ``clipped_grad`` on the same model and batches, their
+clipped gradients compared once before timing (``fbp.bench.variants``).
 
 The rooms: ``configs`` (what is measured, and each model four ways),
 ``variants`` (one way each to run a step), ``timing`` (rounds, FLOPs, memory,

@@ -32,7 +32,7 @@ def run_benchmark(configs: list[Config], *, rounds: int, round_seconds: float, p
       configs: what to measure.
       rounds, round_seconds: interleaved rounds, and the time per variant in each.
       peak_size: the side of the square matmul whose FLOP/s is the peak.
-      peers: False to leave out Flax NNX and Equinox even where installed.
+      peers: False to leave out Flax NNX, Equinox and JAX-Privacy even where installed.
       quick: a smoke run: its targets are listed but not judged.
       command: the command line, as the report records it.
       log: where progress lines and the skipped-peer lines go.
@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_out: str = DEFAULT
     parser.add_argument("--rounds", type=_positive(int), help="interleaved rounds (default 7; 2 with --quick)")
     parser.add_argument("--round-seconds", type=_positive(float),
                         help="time per variant per round (default 0.25; 0.01 with --quick)")
-    parser.add_argument("--no-frameworks", action="store_true", help="skip Flax NNX and Equinox")
+    parser.add_argument("--no-frameworks", action="store_true", help="skip Flax NNX, Equinox and JAX-Privacy")
     parser.add_argument("--out", default=default_out,
                         help=f"folder for train_step.json and train_step.md, created if needed (default: {default_out})")
     parser.add_argument("--results", metavar="PATH",

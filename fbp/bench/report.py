@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 
 import fbp
-from fbp.bench.targets import verdict
+from fbp.bench.targets import CLIP_ROW, jax_privacy_rows, ratio, verdict
 
 NOTES = "## Notes (hand-written)"  # kept when --results rewrites the file: the tables change, the reading stays
 BUSY_HOST = (
@@ -67,7 +67,8 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "machine": f"{platform.system()} {platform.machine()} {_cpu_model()}".strip(),
         "python": platform.python_version(),
-        "versions": {**{p: version(p) for p in ("jax", "jaxlib", "optax", "flax", "equinox")}, "fbp": fbp.__version__},
+        "versions": {**{p: version(p) for p in ("jax", "jaxlib", "optax", "flax", "equinox", "jax-privacy")},
+                     "fbp": fbp.__version__},
     }
 
 
@@ -155,9 +156,57 @@ def _config_facts(entry: dict) -> list[str]:
     return lines
 
 
+OPACUS_CONTEXT = (
+    "For context, not measured here: Opacus, PyTorch's DP-SGD library, reports its private training at 2.6x to "
+    "8x the time of non-private training (Yousefpour et al. 2021, *Opacus: user-friendly differential privacy "
+    "library in PyTorch*, on a GPU)."
+)
+
+
+def _dp_table(report: dict) -> list[str]:
+    """DP-SGD's clipping, per config: fbp's clipped step and JAX-Privacy's against the non-private raw-JAX step."""
+    entries = [entry for entry in report["configs"] if any(
+        row["variant"] == CLIP_ROW for row in entry["rows"])]
+    if not entries:
+        return []
+    lines = [
+        "## DP-SGD clipping: fbp and JAX-Privacy",
+        "",
+        ("Each a clipped step (clip norm 1, no noise) + Adam, on the same batches, against the non-private raw-JAX "
+         "step in the same rounds (median of per-round ratios). fbp: ghost clipping through the hand-written "
+         "backward (`make_train_step(per_example=True, clip_norm=1)`); JAX-Privacy: `jax_privacy.clipped_grad` "
+         "(jax.vmap of per-example `jax.grad` of the raw-JAX model), plain and with `microbatch_size=32`. "
+         "Agreement: the largest difference of the two clipped gradients on the first batch, relative to its "
+         "largest element. " + OPACUS_CONTEXT),
+        "",
+        ("| config | raw-jax ms/step | fbp clip / raw-jax | JAX-Privacy / raw-jax "
+         "| JAX-Privacy (microbatch 32) / raw-jax | fbp / JAX-Privacy (fastest) | agreement |"),
+        "|---|---|---|---|---|---|---|",
+    ]
+    for entry in entries:
+        rows = {row["variant"]: row for row in entry["rows"]}
+        peers = jax_privacy_rows(rows)
+
+        def cell(name, rows=rows):
+            return f"{ratio(rows, name, 'raw-jax'):.2f}x" if name in rows else "n/a"
+
+        microbatched = next((peer for peer in peers if peer != "jax-privacy"), None)
+        lead = f"{max(ratio(rows, CLIP_ROW, peer) for peer in peers):.3f}" if peers else "n/a"
+        agreement = entry.get("jax_privacy_agreement")
+        agreed = "n/a" if agreement is None else f"{agreement['relative']:.1e}"
+        lines.append(
+            f"| {entry['config']['name']} | {rows['raw-jax']['median_s'] * 1e3:.3f} | {cell(CLIP_ROW)} "
+            f"| {cell('jax-privacy')} | {cell(microbatched) if microbatched else 'n/a'} | {lead} | {agreed} |"
+        )
+    return lines
+
+
 def to_markdown(report: dict) -> str:
-    """The report as markdown: environment, targets, one table per config."""
+    """The report as markdown: environment, targets, DP-SGD's clipping against JAX-Privacy, one table per config."""
     lines = [*_header(report), "", *_targets_table(report)]
+    dp = _dp_table(report)
+    if dp:
+        lines += ["", *dp]
     for entry in report["configs"]:
         lines += ["", *_config_table(entry)]
     return "\n".join(lines) + "\n"

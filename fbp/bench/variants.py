@@ -1,4 +1,5 @@
-"""The ways to run one training step of a config: raw JAX, fbp's step in each mode, its epoch, Flax NNX, Equinox.
+"""The ways to run one training step of a config: raw JAX, fbp's step in each mode, its epoch, Flax NNX, Equinox,
+and JAX-Privacy's clipped step beside fbp's.
 
 Every step trains with Adam on softmax cross-entropy. The raw-JAX step is the
 floor: ``jax.value_and_grad`` + optax, returning the loss and the gradient norm
@@ -9,6 +10,13 @@ batches. fbp's mode rows run with ``skip_nonfinite=False``; "fbp default" is
 step, as ``fbp train`` does. Flax NNX and Equinox steps are written as their
 docs do (``nnx.jit``, ``eqx.filter_jit``) and return the loss. A peer that is
 not installed is skipped, with the reason.
+
+DP-SGD's clipping: "fbp per_example + clip" (ghost clipping through the hand-written
+backward) against JAX-Privacy's ``clipped_grad`` (jax.vmap of per-example ``jax.grad``
+of the raw-JAX model, clipped and summed, divided by the batch size), each followed by
+the same Adam update, at clip norm 1 on the same batches; no noise in either (noise is
+one Gaussian draw per parameter, the same cost for both). Before timing, the two
+clipped gradients of the first batch are compared (``facts["jax_privacy_agreement"]``).
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ from fbp.training.step import epoch_strategy
 # per-example gradients materialised by vmap: skip the reference rows past this many floats
 VMAP_LIMIT = 1e8
 CLIP_VMAP_LIMIT = 2e7
+JAX_PRIVACY = "jax-privacy"  # the rows "jax-privacy" and "jax-privacy (microbatch 32)"
+JAX_PRIVACY_MICROBATCH = 32  # its microbatch_size where the whole batch's per-example gradients are large
+CLIP_NORM = 1.0
 
 
 def cross_entropy(logits, y):
@@ -241,7 +252,7 @@ PEERS = (Peer("flax-nnx", "flax.nnx", "flax", nnx_variant), Peer("equinox", "equ
 
 def unavailable(peer: Peer) -> str | None:
     """Why ``peer`` cannot run here (``"flax is not installed (pip install flax)"``), or None when it can."""
-    if importlib.util.find_spec(peer.package) is None:
+    if importlib.util.find_spec(peer.module.partition(".")[0]) is None:  # the import name, not the pip name
         return f"{peer.package} is not installed (pip install {peer.package})"
     try:
         importlib.import_module(peer.module)
@@ -250,11 +261,73 @@ def unavailable(peer: Peer) -> str | None:
     return None
 
 
+def jax_privacy_step(cfg: Config, optimizer, microbatch_size: int | None = None):
+    """JAX-Privacy's DP step without noise: ``jax_privacy.clipped_grad`` of the raw-JAX loss (per-example
+    gradients by jax.vmap, clipped to ``CLIP_NORM``, summed, divided by the batch size), then ``optimizer``.
+    Returns ``(clipped_grad_fn, step)`` with ``step(params, opt_state, count, x, y) -> (..., loss)``."""
+    import jax_privacy
+
+    def loss_fn(params, x, y):
+        return cross_entropy(raw_apply(cfg, params, x), y)
+
+    clipped = jax_privacy.clipped_grad(loss_fn, l2_clip_norm=CLIP_NORM, batch_argnums=(1, 2),
+                                       normalize_by=float(cfg.batch), microbatch_size=microbatch_size,
+                                       return_values=True)
+
+    def step(params, opt_state, count, x, y):
+        grads, aux = clipped(params, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, count + 1, aux.values.mean()
+
+    return clipped, step
+
+
+def jax_privacy_variant(cfg: Config, params, optimizer, batches, microbatch_size: int | None = None) -> Variant:
+    """JAX-Privacy's clipped step, jitted with the state donated (as the raw-JAX step)."""
+    params = _copy([p for p in params if p])
+    jitted = jax.jit(jax_privacy_step(cfg, optimizer, microbatch_size)[1], donate_argnums=(0, 1, 2))
+    state = [(params, optimizer.init(params), jnp.zeros((), jnp.int32))]
+    cycle = itertools.cycle(batches)
+
+    def call():
+        *state[0], _ = jitted(*state[0], *next(cycle))
+
+    name = JAX_PRIVACY if microbatch_size is None else f"{JAX_PRIVACY} (microbatch {microbatch_size})"
+    return Variant(name, call, lambda: jax.block_until_ready(state[0]), lambda: jitted.lower(*state[0], *batches[0]))
+
+
+def jax_privacy_agreement(cfg: Config, model, loss, params, batch, microbatch_size: int | None = None) -> dict:
+    """fbp's clipped mean gradient against JAX-Privacy's on one batch: the largest difference of any element,
+    absolute and relative to the largest element (float32: a few 1e-7 is rounding)."""
+    x, y = batch
+    _, ours, _ = jax.jit(fbp.grads.clipped_value_and_grad(model, loss, CLIP_NORM))(params, x, y)
+    theirs, _ = jax.jit(jax_privacy_step(cfg, optax.adam(1e-3), microbatch_size)[0])([p for p in params if p], x, y)
+    ours, theirs = jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)
+    largest = max(float(jnp.max(jnp.abs(b))) for b in theirs)
+    difference = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(ours, theirs, strict=True))
+    return {"max_abs_difference": difference, "relative": difference / largest}
+
+
+def jax_privacy_microbatches(cfg: Config, num_params: int) -> list[int | None]:
+    """The JAX-Privacy rows of a config: plain (every per-example gradient at once) up to ``VMAP_LIMIT`` floats,
+    and with ``microbatch_size`` 32 (JAX-Privacy's memory knob) past ``CLIP_VMAP_LIMIT``."""
+    rows = []
+    if cfg.batch * num_params <= VMAP_LIMIT:
+        rows.append(None)
+    if cfg.batch > JAX_PRIVACY_MICROBATCH and cfg.batch * num_params > CLIP_VMAP_LIMIT:
+        rows.append(JAX_PRIVACY_MICROBATCH)
+    return rows
+
+
+# DP-SGD's peer: its rows are built by build_variants (they need the params), not by ``build``
+DP_PEER = Peer(JAX_PRIVACY, "jax_privacy", "jax-privacy", jax_privacy_variant)
+
+
 def skipped_peers(peers: bool = True) -> dict[str, str]:
     """``{peer name: why it is skipped}`` for each peer that will not run (all of them when ``peers`` is False)."""
     if not peers:
-        return {peer.name: "--no-frameworks was given" for peer in PEERS}
-    reasons = {peer.name: unavailable(peer) for peer in PEERS}
+        return {peer.name: "--no-frameworks was given" for peer in (*PEERS, DP_PEER)}
+    reasons = {peer.name: unavailable(peer) for peer in (*PEERS, DP_PEER)}
     return {name: reason for name, reason in reasons.items() if reason is not None}
 
 
@@ -299,7 +372,7 @@ def build_variants(cfg: Config, skip: frozenset[str] | set[str] = frozenset()) -
             fbp_variant("fbp autodiff", *common, grad="autodiff"),
             fbp_variant("fbp custom_vjp", *common, grad="custom_vjp"),
             fbp_variant("fbp per_example", *common, per_example=True),
-            fbp_variant("fbp per_example + clip", *common, per_example=True, clip_norm=1.0),
+            fbp_variant("fbp per_example + clip", *common, per_example=True, clip_norm=CLIP_NORM),
         ]
         if cfg.batch * num_params <= VMAP_LIMIT:
             variants.append(fbp_variant("fbp per_example (vmap)", *common, per_example="vmap"))
@@ -312,4 +385,10 @@ def build_variants(cfg: Config, skip: frozenset[str] | set[str] = frozenset()) -
         variants.append(matmul_chain_variant(cfg, params, batches))
     if cfg.precision == "float32":
         variants += [peer.build(cfg, optimizer, batches) for peer in PEERS if peer.name not in skip]
+        if DP_PEER.name not in skip:
+            microbatches = jax_privacy_microbatches(cfg, num_params)
+            if microbatches:
+                facts["jax_privacy_agreement"] = jax_privacy_agreement(cfg, model, loss, params, batches[0],
+                                                                       microbatches[0])
+            variants += [jax_privacy_variant(cfg, params, optimizer, batches, m) for m in microbatches]
     return variants, facts

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 
 from fbp import data
-from fbp.training.fit import DEFAULT_LR, OPTIMIZERS, TrainConfig
+from fbp.privacy import ACCOUNTANTS
+from fbp.training.fit import DEFAULT_LR, OPTIMIZERS, SAMPLINGS, TrainConfig
 from fbp.training.step import PRECISIONS
 
 _DEFAULTS = TrainConfig()
@@ -46,7 +47,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="how gradients are computed (default: %(default)s, the hand-written backward)")
     parser.add_argument("--per-example", action="store_true", help="per-example gradients (vmap), averaged")
     parser.add_argument("--clip-norm", type=float, help="clip each example's gradient to this L2 norm (DP-SGD)")
-    parser.add_argument("--noise-multiplier", type=float, help="DP-SGD Gaussian noise, in units of --clip-norm")
+    parser.add_argument("--noise-multiplier", type=float,
+                        help="DP-SGD Gaussian noise, in units of --clip-norm; the epsilon spent is printed each epoch")
+    parser.add_argument("--target-epsilon", type=float,
+                        help="DP-SGD to this epsilon: the noise is calibrated before training for the run's steps "
+                        "(instead of --noise-multiplier)")
+    parser.add_argument("--delta", type=float,
+                        help="delta of the DP epsilon (default: 1/N rounded down to a power of ten)")
+    parser.add_argument("--sampling", choices=SAMPLINGS,
+                        help="batches: poisson (each example joins a step with probability batch-size/N, what the "
+                        "privacy accountant assumes; the default with DP noise) or shuffle (fixed-size shuffled "
+                        "batches; the default otherwise)")
+    parser.add_argument("--accountant", choices=ACCOUNTANTS, default=_DEFAULTS.accountant,
+                        help="privacy accountant for epsilon and calibration: rdp or pld (tighter, slower) "
+                        "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="(default: %(default)s)")
     parser.add_argument("--out", help="output folder (default: runs/<data>-<model>-seed<seed>)")
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
@@ -70,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(
         data=args.data, data_dir=args.data_dir, model=args.model, optimizer=args.optimizer, lr=args.lr,
         epochs=args.epochs, batch_size=args.batch_size, grad=args.grad, per_example=args.per_example,
-        clip_norm=args.clip_norm, noise_multiplier=args.noise_multiplier, seed=args.seed, out=args.out,
+        clip_norm=args.clip_norm, noise_multiplier=args.noise_multiplier, target_epsilon=args.target_epsilon,
+        delta=args.delta, sampling=args.sampling, accountant=args.accountant, seed=args.seed, out=args.out,
         resume=args.resume, check_gradients=args.check_gradients, devices=args.devices,
         on_nonfinite=args.on_nonfinite, quiet=args.quiet, precision=args.precision,
     )
@@ -86,5 +101,7 @@ def run(args: argparse.Namespace) -> int:
             score = f"test accuracy {100 * accuracy:.2f}%"
         else:
             score = "test loss nan" if test_loss is None else f"test loss {test_loss:.4g}"
+        if last.get("epsilon") is not None:
+            score += f" at epsilon {last['epsilon']:.3g}"
         print(f"done: {score} after {last['epoch']} epochs of {config.model}; outputs in {result.out_dir}")
     return 0

@@ -10,6 +10,16 @@ jitted step for a model with convolutions on CPU: ``epoch_strategy``) in about t
 chunks, for a live progress bar; then the test set is evaluated, a line goes
 to ``metrics.jsonl`` and the state is checkpointed (``fbp.training.checkpoint``).
 
+DP-SGD (``noise_multiplier`` or ``target_epsilon``, with ``per_example`` and
+``clip_norm``): the noise is fixed before training (calibrated to the target
+over the run's total steps), batches are Poisson sampled by default (each
+example joins a step with probability q = batch_size / N; padded to a static
+size, the padding masked) and the update divides the noisy clipped sum by the
+expected batch size q N; the epsilon spent so far (``fbp.privacy``) is printed
+and logged each epoch. ``sampling="shuffle"`` keeps fixed-size shuffled
+batches, for which that epsilon is only what the accountant gives as if they
+were Poisson sampled.
+
 Faults: NaN/Inf in the data is refused before training. A non-finite loss or
 gradient during training either stops the run (``on_nonfinite="stop"``,
 raising NonFiniteError that names the step and the first bad leaf; nothing
@@ -20,8 +30,10 @@ first epoch (a new input shape or dtype) warns with RetraceWarning.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -35,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fbp import data, models
+from fbp import data, models, privacy
 from fbp.check import GradientCheckError, check_gradients
 from fbp.grads import GRAD_MODES
 from fbp.layers.base import uses_key
@@ -61,6 +73,7 @@ OPTIMIZERS = {
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.02, "adam": 1e-3, "adamw": 1e-3}
 # options that may change between a run and its --resume without changing the result
 _RESUMABLE_CHANGES = {"epochs", "resume", "quiet", "out", "check_gradients", "on_nonfinite", "keep_checkpoints"}
+SAMPLINGS = ("poisson", "shuffle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +88,15 @@ class TrainConfig:
       epochs: total epochs (a resumed run continues up to this number).
       batch_size: examples per step; the last partial batch of an epoch is dropped.
       grad, per_example, clip_norm, noise_multiplier: as in ``fbp.make_train_step``.
+      target_epsilon: DP-SGD to this epsilon instead of a given ``noise_multiplier``: the noise is
+        calibrated before training (``fbp.privacy.noise_multiplier_for_epsilon``) for the run's total
+        steps (``epochs`` times the steps per epoch).
+      delta: the delta of the reported epsilon; None: ``fbp.privacy.default_delta(N)`` (1/N rounded
+        down to a power of ten).
+      sampling: ``"poisson"`` (each example joins each step with probability q = batch_size / N,
+        batches padded and masked: what the accountant assumes) or ``"shuffle"`` (fixed-size batches
+        of a shuffled epoch); None: Poisson for DP-SGD, shuffled otherwise.
+      accountant: ``"rdp"`` or ``"pld"`` (``fbp.privacy``), for the epsilon and the calibration.
       seed: seeds the initial parameters, the data order and the synthetic data.
       out: output folder; None for ``runs/<data>-<model>-seed<seed>``.
       resume: continue from the last complete checkpoint in ``out``.
@@ -99,6 +121,10 @@ class TrainConfig:
     per_example: bool = False
     clip_norm: float | None = None
     noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    sampling: str | None = None
+    accountant: str = "rdp"
     seed: int = 0
     out: str | None = None
     resume: bool = False
@@ -118,7 +144,7 @@ class TrainConfig:
         """Raise ValueError naming the first bad option."""
         data.check_name(self.data)  # one of data.DATASETS, or text:PATH
         choices = {"optimizer": tuple(OPTIMIZERS), "grad": GRAD_MODES, "on_nonfinite": ("stop", "skip"),
-                   "precision": PRECISIONS}
+                   "precision": PRECISIONS, "accountant": privacy.ACCOUNTANTS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -126,7 +152,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("lr", "clip_norm", "noise_multiplier"):
+        for name in ("lr", "clip_norm", "noise_multiplier", "target_epsilon"):
             value = getattr(self, name)
             if value is not None and not (np.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -134,9 +160,33 @@ class TrainConfig:
             raise ValueError("clip_norm clips each example's gradient: it needs per_example (--per-example)")
         if self.noise_multiplier is not None and self.clip_norm is None:
             raise ValueError("noise_multiplier scales noise by clip_norm: it needs clip_norm (--clip-norm)")
+        if self.target_epsilon is not None and self.noise_multiplier is not None:
+            raise ValueError("give target_epsilon (--target-epsilon: the noise is calibrated to it) or "
+                             "noise_multiplier (--noise-multiplier: epsilon is reported), not both")
+        if self.target_epsilon is not None and self.clip_norm is None:
+            raise ValueError("target_epsilon is for DP-SGD: it needs per_example and clip_norm "
+                             "(--per-example --clip-norm C)")
+        if self.delta is not None and not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
+            raise ValueError(f"delta must lie in (0, 1), got {self.delta!r}")
+        if self.delta is not None and not self.private:
+            raise ValueError("delta is the delta of DP-SGD's epsilon: it needs --noise-multiplier or --target-epsilon")
+        if self.sampling is not None and self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
         if self.devices is not None and (self.devices < 1 or self.batch_size % self.devices):
             raise ValueError(f"devices must be >= 1 and divide batch_size {self.batch_size}, got {self.devices}")
         models.parse(self.model)
+
+    @property
+    def private(self) -> bool:
+        """Whether this is a DP-SGD run (noise, given or calibrated to a target epsilon)."""
+        return self.noise_multiplier is not None or self.target_epsilon is not None
+
+    @property
+    def batch_sampling(self) -> str:
+        """``sampling``, or its default: ``"poisson"`` for DP-SGD, ``"shuffle"`` otherwise."""
+        if self.sampling is not None:
+            return self.sampling
+        return "poisson" if self.private else "shuffle"
 
     @property
     def learning_rate(self) -> float:
@@ -158,6 +208,95 @@ class TrainResult(NamedTuple):
     model: Any
     history: list[dict]
     out_dir: Path
+
+
+class PrivacyPlan(NamedTuple):
+    """What a DP-SGD run fixes before its first step, and the epsilon it spends.
+
+    Attributes:
+      noise_multiplier: sigma (given, or calibrated to ``target_epsilon`` over ``steps``).
+      sampling: ``"poisson"`` or ``"shuffle"``.
+      sampling_rate: q = batch_size / N (the expected batch size q N is the batch size).
+      steps: the run's total steps (epochs times steps per epoch), which the calibration covers.
+      delta: the delta of every epsilon reported.
+      accountant: ``"rdp"`` or ``"pld"``.
+      max_batch_size: the padded batch size under Poisson sampling (``fbp.data.poisson_max_batch_size``
+        over ``steps``); None for shuffled batches.
+      target_epsilon: the target the noise was calibrated to, or None.
+    """
+
+    noise_multiplier: float
+    sampling: str
+    sampling_rate: float
+    steps: int
+    delta: float
+    accountant: str
+    max_batch_size: int | None
+    target_epsilon: float | None
+
+    def epsilon(self, steps: int) -> float:
+        """The epsilon spent after ``steps`` steps (``fbp.privacy.epsilon``)."""
+        with _quiet_accountant():
+            return privacy.epsilon(self.noise_multiplier, self.sampling_rate, steps, self.delta,
+                                   accountant=self.accountant)
+
+    def describe(self, config: TrainConfig, num_examples: int) -> str:
+        """Two lines for the terminal: the mechanism, and what its guarantee covers."""
+        noise = (f"noise multiplier {self.noise_multiplier:.4g} (calibrated to epsilon {self.target_epsilon:g} over "
+                 f"{self.steps} steps)" if self.target_epsilon is not None
+                 else f"noise multiplier {self.noise_multiplier:g}")
+        default = " (the default: 1/N rounded down to a power of ten)" if config.delta is None else ""
+        head = (f"DP-SGD: clip norm {config.clip_norm:g}, {noise}, delta {self.delta:g}{default}, "
+                f"{self.accountant.upper()} accountant")
+        if self.sampling == "poisson":
+            return (f"{head}\nPoisson sampling: each of the {num_examples} examples joins a step with probability "
+                    f"q = {config.batch_size}/{num_examples} = {self.sampling_rate:.4g}; batches padded to "
+                    f"{self.max_batch_size} and masked; the noisy sum is divided by q N = {config.batch_size}")
+        return (f"{head}\nfixed-size shuffled batches (--sampling shuffle): the accountant's guarantee assumes Poisson "
+                "sampling; the epsilon printed is computed as if the batches were Poisson sampled, not proven for them")
+
+    def as_dict(self, epsilon: float) -> dict:
+        return {**self._asdict(), "epsilon": epsilon}
+
+
+@contextlib.contextmanager
+def _quiet_accountant():
+    """dp_accounting logs (absl, WARNING) each RDP order it excludes for not converging, dozens of lines per
+    call at large sampling rates; the bound stays valid (an upper bound over the orders kept). Errors still show."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def plan_privacy(config: TrainConfig, num_examples: int, steps: int, saved: dict | None = None) -> PrivacyPlan | None:
+    """The PrivacyPlan of a DP-SGD run on ``num_examples`` examples over ``steps`` steps (None for other runs).
+
+    ``saved`` (a resumed run's plan) is kept as it was, so the noise and the padded size stay those of the
+    run being continued, whatever its new ``epochs``.
+    """
+    if not config.private:
+        return None
+    if saved:
+        return PrivacyPlan(**{name: saved[name] for name in PrivacyPlan._fields})
+    q = config.batch_size / num_examples
+    delta = config.delta if config.delta is not None else privacy.default_delta(num_examples)
+    if config.target_epsilon is not None:
+        with _quiet_accountant():
+            sigma = privacy.noise_multiplier_for_epsilon(config.target_epsilon, q, steps, delta,
+                                                         accountant=config.accountant)
+    else:
+        sigma = float(config.noise_multiplier)
+    max_batch_size = None
+    if config.batch_sampling == "poisson":
+        max_batch_size = data.poisson_max_batch_size(num_examples, q, steps)
+        if config.devices:  # a multiple of the devices, to split evenly
+            max_batch_size = -(-max_batch_size // config.devices) * config.devices
+    return PrivacyPlan(sigma, config.batch_sampling, q, steps, delta, config.accountant, max_batch_size,
+                       config.target_epsilon)
 
 
 class NonFiniteError(FloatingPointError):
@@ -184,7 +323,7 @@ class RetraceGuard:
         self.traces = 0
         self._armed = False
 
-        def counted(state, x, y):
+        def counted(state, x, y, mask=None):
             # Python runs this only while JAX traces, so the counter counts traces (a side effect on purpose)
             self.traces += 1
             if self._armed:
@@ -195,7 +334,7 @@ class RetraceGuard:
                     RetraceWarning,
                     stacklevel=2,
                 )
-            return step.pure(state, x, y)
+            return step.pure(state, x, y, mask)
 
         self.step = dataclasses.replace(step, pure=counted)
 
@@ -222,9 +361,13 @@ def first_nonfinite(value, grads) -> str | None:
     return None
 
 
-def _make_step(model, loss, optimizer, config: TrainConfig) -> TrainStep:
+def _make_step(model, loss, optimizer, config: TrainConfig, plan: PrivacyPlan | None = None) -> TrainStep:
     options = {"grad": config.grad, "per_example": config.per_example, "clip_norm": config.clip_norm,
                "noise_multiplier": config.noise_multiplier, "precision": config.precision}
+    if plan is not None:
+        options["noise_multiplier"] = plan.noise_multiplier
+        if plan.sampling == "poisson":  # the noisy sum over the expected batch size q N = batch_size
+            options["normalize_by"] = float(config.batch_size)
     if config.devices is None:
         return make_train_step(model, loss, optimizer, **options)
     try:
@@ -237,23 +380,26 @@ def _make_step(model, loss, optimizer, config: TrainConfig) -> TrainStep:
 _copy = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
 
 
-def _diagnose(step: TrainStep, loss, config: TrainConfig, state, xs, ys, index: int) -> str:
+def _diagnose(step: TrainStep, loss, config: TrainConfig, state, xs, ys, index: int, masks=None) -> str:
     """Replay a chunk up to its first non-finite batch and name the first bad leaf of that batch's gradient."""
     model = step.model
+    mask = None if masks is None else masks[index]
     for j in range(index):
-        state, _ = step(state, xs[j], ys[j])
+        state, _ = step(state, xs[j], ys[j], None if masks is None else masks[j])
     key = state.rng if uses_key(model, state.params, xs[index], state.rng) else None
     # the gradient as the step computes it: under its precision policy (casts, loss scale)
     value, grads = value_and_grad_with_policy(model, loss, step.policy, grad=config.grad,
-                                              per_example=config.per_example)(state.params, xs[index], ys[index], key)
+                                              per_example=config.per_example)(state.params, xs[index], ys[index], key,
+                                                                              mask)
     leaf = first_nonfinite(value, grads)
     if leaf is None:
         return "update (the clipped or noised gradient)"
     return "loss" if leaf == "loss" else f"gradient in {leaf}"
 
 
-def _resume(config: TrainConfig, state: TrainState) -> tuple[TrainState, int, list[dict]]:
-    """Restore the last complete checkpoint of ``config.out_dir``: (state, its epoch, metrics up to it)."""
+def _resume(config: TrainConfig, state: TrainState) -> tuple[TrainState, int, list[dict], dict | None]:
+    """Restore the last complete checkpoint of ``config.out_dir``: (state, its epoch, metrics up to it,
+    the run's privacy plan or None)."""
     checkpoints = config.out_dir / "checkpoints"
     if not checkpoints.is_dir():
         raise FileNotFoundError(f"--resume: no checkpoint folder {checkpoints}; run once without --resume first")
@@ -267,7 +413,7 @@ def _resume(config: TrainConfig, state: TrainState) -> tuple[TrainState, int, li
     if changed:
         warnings.warn(f"--resume: options differ from the run that wrote {path}: {', '.join(changed)}", stacklevel=3)
     history = run_log.read_history(config.out_dir / "metrics.jsonl", meta["epoch"])
-    return jax.tree_util.tree_map(jnp.asarray, state), meta["epoch"], history
+    return jax.tree_util.tree_map(jnp.asarray, state), meta["epoch"], history, meta["metadata"].get("privacy")
 
 
 def _clear_checkpoints(folder: Path) -> None:
@@ -281,20 +427,23 @@ def _clear_checkpoints(folder: Path) -> None:
     shutil.rmtree(folder)
 
 
-def _run_epoch(guard: RetraceGuard, state, batches: data.Batches, chunk: int, context: dict, say: run_log.Progress):
+def _run_epoch(guard: RetraceGuard, state, batches, chunk: int, context: dict, say: run_log.Progress):
     """One epoch as ``train_epoch`` calls of ``chunk`` steps each, in the strategy it picks for the model and
-    backend (a scan, or a loop of the jitted step). Returns (state, finite training losses, skipped updates)."""
+    backend (a scan, or a loop of the jitted step). ``batches``: ``data.Batches``, or ``data.PoissonBatches``
+    (masked). Returns (state, finite training losses, skipped updates)."""
     config, epoch = context["config"], context["epoch"]
     num_batches = batches.xs.shape[0]
+    all_masks = getattr(batches, "mask", None)
     losses, skipped = [], 0
     for start in range(0, num_batches, chunk):
         xs, ys = batches.xs[start : start + chunk], batches.ys[start : start + chunk]
+        masks = None if all_masks is None else all_masks[start : start + chunk]
         before = _copy(state) if config.on_nonfinite == "stop" else None  # the step donates `state`
-        state, metrics = train_epoch(guard.step, state, xs, ys)
+        state, metrics = train_epoch(guard.step, state, xs, ys, masks=masks)
         finite = np.asarray(metrics["finite"])
         if not finite.all() and config.on_nonfinite == "stop":
             index = int(np.argmin(finite))
-            what = _diagnose(context["step"], context["loss"], config, before, xs, ys, index)
+            what = _diagnose(context["step"], context["loss"], config, before, xs, ys, index, masks)
             last = checkpoint.latest(config.out_dir / "checkpoints")
             raise NonFiniteError(
                 f"non-finite {what} at step {(epoch - 1) * num_batches + start + index + 1} (epoch {epoch}, "
@@ -339,18 +488,23 @@ def fit(config: TrainConfig, dataset: data.Dataset | None = None, *, log: Callab
     params = jax.jit(model.init)(init_key, jnp.asarray(dataset.x_train[:1]))  # jit: one compile, not one per op
     optimizer = make_optimizer(config.optimizer, config.learning_rate)
     state = TrainState.create(params, optimizer, rng=rng)
-    step = _make_step(model, loss, optimizer, config)
 
     out = config.out_dir
-    start_epoch, history = 0, []
+    start_epoch, history, saved_plan = 0, [], None
     if config.resume:
-        state, start_epoch, history = _resume(config, state)
-    else:
+        state, start_epoch, history, saved_plan = _resume(config, state)
+    num_examples = dataset.x_train.shape[0]
+    plan = plan_privacy(config, num_examples, config.epochs * num_batches, saved_plan)
+    step = _make_step(model, loss, optimizer, config, plan)
+    if not config.resume:
         _clear_checkpoints(out / "checkpoints")  # a fresh run replaces an earlier one's
     out.mkdir(parents=True, exist_ok=True)
     if dataset.vocabulary is not None:  # text: fbp generate needs the characters back
         data.save_vocabulary(out, dataset)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
+    written = dataclasses.asdict(config)
+    if plan is not None:  # the mechanism, and the epsilon of the whole run as configured
+        written["privacy"] = plan.as_dict(plan.epsilon(config.epochs * num_batches))
+    (out / "config.json").write_text(json.dumps(written, indent=1) + "\n")
     run_log.write_history(out / "metrics.jsonl", history)
     # equal chunks (the largest divisor of num_batches up to chunks_per_epoch), so that one compile of the
     # scan serves them all (the loop strategy compiles the step alone)
@@ -362,6 +516,11 @@ def fit(config: TrainConfig, dataset: data.Dataset | None = None, *, log: Callab
     say = run_log.Progress(max(0, config.epochs - start_epoch) * num_batches, config.quiet)
     say_line = log or say.write
     try:
+        if plan is not None:
+            say_line(plan.describe(config, num_examples))
+            if config.resume and config.epochs * num_batches > plan.steps:
+                say_line(f"note: the noise was fixed for {plan.steps} steps; the {config.epochs * num_batches} "
+                         "steps now asked for spend more (epsilon is reported as it grows)")
         if start_epoch >= config.epochs:
             say_line(f"already at epoch {start_epoch} of {config.epochs}: nothing to do "
                      f"(raise --epochs to train further; outputs in {out})")
@@ -376,7 +535,12 @@ def fit(config: TrainConfig, dataset: data.Dataset | None = None, *, log: Callab
                 raise GradientCheckError(f"--check-gradients: the gradient check failed on the first batch\n{report}")
         for epoch in range(start_epoch + 1, config.epochs + 1):
             started = time.perf_counter()
-            batches = data.batches(x_train, y_train, config.batch_size, key=data.epoch_key(config.seed, epoch))
+            if plan is not None and plan.sampling == "poisson":
+                batches = data.poisson_batches(x_train, y_train, plan.sampling_rate, num_batches,
+                                               key=data.epoch_key(config.seed, epoch),
+                                               max_batch_size=plan.max_batch_size)
+            else:
+                batches = data.batches(x_train, y_train, config.batch_size, key=data.epoch_key(config.seed, epoch))
             context = {"config": config, "epoch": epoch, "step": step, "loss": loss}
             state, losses, skipped = _run_epoch(guard, state, batches, num_batches // num_chunks, context, say)
             train_seconds = time.perf_counter() - started
@@ -392,14 +556,18 @@ def fit(config: TrainConfig, dataset: data.Dataset | None = None, *, log: Callab
                 "steps_per_second": round(num_batches / train_seconds, 1),
                 "skipped": skipped,
             }
+            if plan is not None:  # every step taken so far, applied or skipped: each one saw the data
+                line["epsilon"] = plan.epsilon(epoch * num_batches)
             if dataset.vocabulary is not None:  # text: validation bits per character
                 line["test_bpc"] = None if line["test_loss"] is None else line["test_loss"] / np.log(2.0)
             history.append(line)
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(line) + "\n")
             say_line(run_log.epoch_line(line, config.epochs))
-            checkpoint.save(out / "checkpoints", epoch, state, metadata={"config": dataclasses.asdict(config)},
-                            keep=config.keep_checkpoints)
+            metadata = {"config": dataclasses.asdict(config)}
+            if plan is not None:
+                metadata["privacy"] = plan._asdict()
+            checkpoint.save(out / "checkpoints", epoch, state, metadata=metadata, keep=config.keep_checkpoints)
         if dataset.vocabulary is not None and history and history[-1].get("test_bpc") is not None:
             say_line(f"validation {history[-1]['test_bpc']:.3f} bits per character; the training text's unigram "
                      f"entropy is {data.unigram_entropy_bits(dataset.y_train):.3f} bits per character")

@@ -51,15 +51,18 @@ def write_history(path: Path, history: list[dict]) -> None:
 
 
 def plot_history(history: list[dict], path: str | Path) -> None:
-    """Save loss (train and test) and test accuracy per epoch as a PNG (matplotlib, no display needed)."""
+    """Save loss (train and test), test accuracy and, for DP-SGD, the epsilon spent per epoch as a PNG
+    (matplotlib, no display needed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     epochs = [h["epoch"] for h in history]
     has_accuracy = any(h.get("test_accuracy") is not None for h in history)
-    fig = Figure(figsize=(9 if has_accuracy else 5, 3.5), layout="constrained")
+    has_epsilon = any(h.get("epsilon") is not None for h in history)
+    panels = 1 + has_accuracy + has_epsilon
+    fig = Figure(figsize=(1 + 4 * panels, 3.5), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2 if has_accuracy else 1, squeeze=False)[0]
+    axes = fig.subplots(1, panels, squeeze=False)[0]
     for key, label in (("train_loss", "train"), ("test_loss", "test")):
         axes[0].plot(epochs, [np.nan if h[key] is None else h[key] for h in history], marker=".", label=label)
     axes[0].set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
@@ -67,6 +70,10 @@ def plot_history(history: list[dict], path: str | Path) -> None:
     if has_accuracy:
         axes[1].plot(epochs, [h["test_accuracy"] for h in history], marker=".", color="C2")
         axes[1].set(xlabel="epoch", ylabel="test accuracy", title="test accuracy")
+    if has_epsilon:
+        spent = [np.nan if h.get("epsilon") is None else h["epsilon"] for h in history]
+        axes[-1].plot(epochs, spent, marker=".", color="C3")
+        axes[-1].set(xlabel="epoch", ylabel="epsilon", title="privacy spent (epsilon)", ylim=(0, None))
     fig.savefig(path, dpi=100)
 
 
@@ -78,5 +85,7 @@ def epoch_line(line: dict, epochs: int) -> str:
             f"test loss {number(line['test_loss'], '.4f')}")
     if line["test_accuracy"] is not None:
         text += f"  test acc {100 * line['test_accuracy']:.2f}%"
+    if line.get("epsilon") is not None:
+        text += f"  epsilon {line['epsilon']:.3g}"
     text += f"  {line['seconds']:.2f} s  {line['steps_per_second']:.0f} steps/s"
     return text + (f"  skipped {line['skipped']}" if line["skipped"] else "")

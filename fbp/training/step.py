@@ -4,6 +4,7 @@
     step = fbp.make_train_step(model, loss, optimizer, grad="manual")    # precision="bfloat16" for mixed
     state, metrics = step(state, x, y)          # jitted once per input shape
     state, history = fbp.train_epoch(step, state, xs, ys)   # xs: (num_batches, batch, ...)
+    state, metrics = step(state, x, y, mask)    # a padded batch: only the examples where mask count
 
 ``train_epoch`` runs the epoch as one compiled ``lax.scan`` or as a Python loop
 of the jitted step (asynchronous dispatch), whichever is faster for the model
@@ -27,7 +28,15 @@ from jax import lax
 from jax.sharding import Mesh
 
 from fbp import parallel
-from fbp.grads import MODES, check_batch, check_is_layer, check_is_loss, clipped_value_and_grad, value_and_grad
+from fbp.grads import (
+    MODES,
+    check_batch,
+    check_is_layer,
+    check_is_loss,
+    check_mask,
+    clipped_value_and_grad,
+    value_and_grad,
+)
 from fbp.grads import clip_and_average as clip_and_average  # noqa: PLC0414 - explicit re-export: it lived here before
 from fbp.layers.base import describe, uses_key
 from fbp.losses import MSE, Loss, SoftmaxCrossEntropy
@@ -83,8 +92,12 @@ def _check_optimizer(optimizer, where: str) -> None:
     )
 
 
-def add_dp_noise(grads, key, *, clip_norm: float, noise_multiplier: float, batch_size: int):
-    """Gaussian mechanism of DP-SGD (Abadi et al. 2016): mean + N(0, (sigma C)^2) / B per element."""
+def add_dp_noise(grads, key, *, clip_norm: float, noise_multiplier: float, batch_size):
+    """Gaussian mechanism of DP-SGD (Abadi et al. 2016): mean + N(0, (sigma C)^2) / B per element.
+
+    ``grads`` is the clipped sum divided by ``batch_size`` = B, so this adds N(0, (sigma C)^2) to the sum
+    before the division. With Poisson sampling B is the expected batch size q N, a constant.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(grads)
     keys = jax.random.split(key, len(leaves))
     std = noise_multiplier * clip_norm / batch_size
@@ -203,7 +216,7 @@ class _PolicyLoss(Loss):
 
 
 def value_and_grad_with_policy(model, loss, policy: Policy, **options) -> Callable:
-    """``fbp.value_and_grad(model, loss, **options)`` under ``policy``: ``f(params, x, y, key=None)``.
+    """``fbp.value_and_grad(model, loss, **options)`` under ``policy``: ``f(params, x, y, key=None, mask=None)``.
 
     Params and floating inputs are cast to the compute dtype, the loss is taken
     in the output dtype, and the gradient comes back in the params' dtype with
@@ -213,8 +226,8 @@ def value_and_grad_with_policy(model, loss, policy: Policy, **options) -> Callab
         return value_and_grad(model, loss, **options)
     inner = value_and_grad(model, _PolicyLoss(loss, policy), **options)
 
-    def f(params, x, y, key=None):
-        value, grads = inner(policy.cast_to_compute(params), policy.cast_to_compute(x), y, key)
+    def f(params, x, y, key=None, mask=None):
+        value, grads = inner(policy.cast_to_compute(params), policy.cast_to_compute(x), y, key, mask)
         return _unscale(policy, value, policy.cast_to_param(grads))
 
     return f
@@ -243,13 +256,16 @@ def _grads_finite(grad_norm: jax.Array, grads) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class TrainStep:
-    """A jitted ``step(state, x, y) -> (state, metrics)``; ``.pure`` is the un-jitted function.
+    """A jitted ``step(state, x, y, mask=None) -> (state, metrics)``; ``.pure`` is the un-jitted function.
 
     Call it like a function. ``train_epoch`` runs ``.pure`` over a stack of
     batches, as one ``lax.scan`` or as a loop of jitted steps (``epoch_strategy``).
+    A ``mask: (batch,)`` (bool) marks the real examples of a padded batch (Poisson
+    sampling): the others contribute nothing (see ``make_train_step``). Without a
+    mask the step runs the program it always ran.
 
     Attributes:
-      pure: ``(state, x, y) -> (state, metrics)``, traceable.
+      pure: ``(state, x, y, mask=None) -> (state, metrics)``, traceable.
       model: the layer (for error messages and the epoch strategy).
       donate: donate the input state's buffers.
       mesh: data parallelism, or None.
@@ -268,35 +284,67 @@ class TrainStep:
         epoch_shardings = {} if self.mesh is None else parallel.jit_shardings(self.mesh, batch_axis=1)
         object.__setattr__(self, "_jitted", jax.jit(self.pure, donate_argnums=donate, **step_shardings))
         object.__setattr__(self, "_epoch", jax.jit(_scan_epoch(self.pure), donate_argnums=donate, **epoch_shardings))
+        # masked batches: one more input, split like x and y
+        masked_step, masked_epoch = (_with_mask_sharding(shardings) for shardings in (step_shardings, epoch_shardings))
+        object.__setattr__(self, "_jitted_masked", jax.jit(self.pure, donate_argnums=donate, **masked_step))
+        object.__setattr__(
+            self, "_epoch_masked", jax.jit(_scan_epoch(self.pure, masked=True), donate_argnums=donate, **masked_epoch)
+        )
         object.__setattr__(self, "_checked", set())  # (shape, dtype) signatures of x and y that check_batch passed
         object.__setattr__(self, "_strategies", {})  # epoch signature -> "scan" or "loop"
 
-    def __call__(self, state: TrainState, x, y):
-        signature = _signature(x, y)
+    def __call__(self, state: TrainState, x, y, mask=None):
+        signature = _signature(x, y, mask)
         if signature is None or signature not in self._checked:  # Python-side checks once per new signature
             check_batch(self.model, x, y)
+            if mask is not None:
+                check_mask(self.model, x, mask)
             if signature is not None:
                 self._checked.add(signature)
+        if mask is None:
+            if self.mesh is not None:
+                state, x, y = parallel.place(self.mesh, state, x, y)
+            return self._jitted(state, x, y)
         if self.mesh is not None:
             state, x, y = parallel.place(self.mesh, state, x, y)
-        return self._jitted(state, x, y)
+            mask = parallel.shard_batch(self.mesh, mask, 0)
+        return self._jitted_masked(state, x, y, mask)
 
-    def lower(self, state, x, y):
+    def lower(self, state, x, y, mask=None):
         """``jax.jit(...).lower`` for cost and memory analysis."""
         if self.mesh is not None:
             state, x, y = parallel.place(self.mesh, state, x, y)
-        return self._jitted.lower(state, x, y)
+            mask = None if mask is None else parallel.shard_batch(self.mesh, mask, 0)
+        if mask is None:
+            return self._jitted.lower(state, x, y)
+        return self._jitted_masked.lower(state, x, y, mask)
 
 
-def _signature(x, y):
-    """``(x.shape, x.dtype, y.shape, y.dtype)`` for arrays, else None (check every call)."""
+def _with_mask_sharding(shardings: dict) -> dict:
+    """jit shardings of ``f(state, x, y)`` extended to ``f(state, x, y, mask)``: the mask split like x."""
+    if not shardings:
+        return {}
+    state, x, y = shardings["in_shardings"]
+    return {**shardings, "in_shardings": (state, x, y, x)}
+
+
+def _signature(x, y, mask=None):
+    """``(x.shape, x.dtype, y.shape, y.dtype[, mask's])`` for arrays, else None (check every call)."""
     try:
-        return (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype)
+        signature = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype)
+        return signature if mask is None else (*signature, tuple(mask.shape), mask.dtype)
     except AttributeError:
         return None
 
 
-def _scan_epoch(pure):
+def _scan_epoch(pure, masked: bool = False):
+    if masked:
+
+        def epoch_masked(state, xs, ys, masks):
+            return jax.lax.scan(lambda s, batch: pure(s, *batch), state, (xs, ys, masks))
+
+        return epoch_masked
+
     def epoch(state, xs, ys):
         return jax.lax.scan(lambda s, batch: pure(s, *batch), state, (xs, ys))
 
@@ -304,10 +352,10 @@ def _scan_epoch(pure):
 
 
 @jax.jit
-def _unstack(xs, ys):
+def _unstack(*stacks):
     """Every batch of a stack as its own array, in one dispatch: the loop then calls the very program that
     ``step(state, x, y)`` runs, so its results are bit-identical to calling the step by hand."""
-    return list(xs), list(ys)
+    return tuple(list(stack) for stack in stacks)
 
 
 @jax.jit
@@ -327,12 +375,13 @@ def make_train_step(
     per_example: bool = False,
     clip_norm: float | None = None,
     noise_multiplier: float | None = None,
+    normalize_by: float | None = None,
     skip_nonfinite: bool = True,
     donate: bool = True,
     mesh: Mesh | None = None,
     precision: str | Policy = "float32",
 ) -> TrainStep:
-    """Build the jitted train step ``step(state, x, y) -> (state, metrics)``.
+    """Build the jitted train step ``step(state, x, y, mask=None) -> (state, metrics)``.
 
     Args:
       model: any layer.
@@ -340,11 +389,18 @@ def make_train_step(
       optimizer: any optax GradientTransformation.
       grad: ``"manual"`` (the hand-written backward), ``"autodiff"`` (jax.grad) or
         ``"custom_vjp"`` (jax.grad through ``fbp.with_manual_vjp``).
-      per_example: per-example gradients by jax.vmap over single examples, averaged.
+      per_example: ``True``: each example's gradient on its own, in one backward over the
+        batch through the layers' per-example hooks (``fbp.value_and_grad``), averaged;
+        ``"vmap"``: the same by jax.vmap over single examples (the reference).
       clip_norm: with per_example, clip each example's gradient to this global L2
         norm before averaging (DP-SGD).
       noise_multiplier: with clip_norm, add N(0, (noise_multiplier clip_norm)^2)
         to the summed gradient (Abadi et al. 2016); needs ``state.rng``.
+      normalize_by: with clip_norm, divide the (noisy) clipped sum by this
+        instead of the batch's size. DP-SGD with Poisson sampling passes the
+        EXPECTED batch size q N (= the batch size that set q), a constant, as
+        the privacy accountant assumes: dividing by the number of examples a
+        step drew would make the update's scale depend on the data.
       skip_nonfinite: when the loss or a gradient is NaN/Inf, keep the old
         params and optimizer state (``metrics["finite"]`` is False; the step
         count stays, the PRNG key advances) so a bad batch never poisons the
@@ -361,9 +417,19 @@ def make_train_step(
         and caches in the low dtype; loss and norms in float32), or a
         ``Policy`` (see ``get_policy``).
 
+    Masked batches: ``step(state, x, y, mask)`` with ``mask: (batch,)`` bool
+    (``fbp.data.poisson_batches`` pads each batch to one static size and marks
+    the sampled rows): the examples where ``mask`` is False contribute nothing,
+    bit for bit, to the gradient, the clipping norms, the loss or the counts
+    (their x and y are replaced by zeros first). The loss is the mean over the
+    real examples; without clipping so is the gradient; with clipping the
+    gradient is the sum of the real examples' clipped gradients (plus noise)
+    divided by ``normalize_by``, or by their number when it is None.
+
     Returns:
       A TrainStep. ``metrics`` holds ``loss``, ``grad_norm`` (of the applied
-      gradient), ``finite``, and with clipping ``clipped_fraction``.
+      gradient), ``finite``, with clipping ``clipped_fraction`` (of the real
+      examples), and with a mask ``examples`` (how many are real).
     """
     check_is_layer(model, "make_train_step")
     check_is_loss(loss, "make_train_step")
@@ -379,6 +445,13 @@ def make_train_step(
     is_number = isinstance(noise_multiplier, (int, float, np.number))
     if noise_multiplier is not None and not (is_number and noise_multiplier >= 0):
         raise ValueError(f"make_train_step: noise_multiplier must be a number >= 0, got {noise_multiplier!r}")
+    if normalize_by is not None and clip_norm is None:
+        raise ValueError("make_train_step: normalize_by divides the clipped sum: it needs clip_norm")
+    is_number = isinstance(normalize_by, (int, float, np.number)) and not isinstance(normalize_by, bool)
+    if normalize_by is not None and not (is_number and normalize_by > 0):
+        raise ValueError(
+            f"make_train_step: normalize_by must be a number > 0 (the expected batch size q N), got {normalize_by!r}"
+        )
     try:
         policy = get_policy(precision)
     except ValueError as error:
@@ -387,10 +460,12 @@ def make_train_step(
         compute = value_and_grad_with_policy(model, loss, policy, grad=grad, per_example=per_example)
     else:
         # a loss scale s scales every example's gradient: clip at s C, and the unscaled result is clipped at C
-        clipped = clipped_value_and_grad(model, _PolicyLoss(loss, policy) if policy.mixed else loss,
-                                         clip_norm * policy.loss_scale, grad=grad, per_example=per_example)
+        clipped = clipped_value_and_grad(
+            model, _PolicyLoss(loss, policy) if policy.mixed else loss, clip_norm * policy.loss_scale, grad=grad,
+            per_example=per_example, normalize_by=None if normalize_by is None else float(normalize_by),
+        )
 
-    def pure(state: TrainState, x, y):
+    def pure(state: TrainState, x, y, mask=None):
         takes_key = uses_key(model, state.params, x, state.rng)  # the model draws randomness (dropout)
         needs_rng = takes_key or noise_multiplier is not None
         if needs_rng and state.rng is None:
@@ -403,19 +478,31 @@ def make_train_step(
             rng, dropout_key, noise_key = jax.random.split(rng, 3)
         dropout_key = dropout_key if takes_key else None
         metrics = {}
+        count = None if mask is None else jnp.sum(jnp.asarray(mask).astype(jnp.int32))
         if clip_norm is None:
-            value, grads = compute(state.params, x, y, dropout_key)
+            if mask is None:
+                value, grads = compute(state.params, x, y, dropout_key)
+            else:
+                value, grads = compute(state.params, x, y, dropout_key, mask)
         else:
             params, inputs = (policy.cast_to_compute(state.params), policy.cast_to_compute(x)) if policy.mixed \
                 else (state.params, x)
-            value, grads, norms = clipped(params, inputs, y, dropout_key)
-            metrics["clipped_fraction"] = jnp.mean(norms > clip_norm * policy.loss_scale)
+            if mask is None:
+                value, grads, norms = clipped(params, inputs, y, dropout_key)
+                metrics["clipped_fraction"] = jnp.mean(norms > clip_norm * policy.loss_scale)
+            else:
+                value, grads, norms = clipped(params, inputs, y, dropout_key, mask)
+                clipped_count = jnp.sum(jnp.asarray(mask).astype(bool) & (norms > clip_norm * policy.loss_scale))
+                metrics["clipped_fraction"] = clipped_count / jnp.maximum(count, 1)
             # the gradient in the params' dtype, unscaled, before anything adds it up
             value, grads = _unscale(policy, value, policy.cast_to_param(grads))
         if noise_multiplier is not None:
-            grads = add_dp_noise(
-                grads, noise_key, clip_norm=clip_norm, noise_multiplier=noise_multiplier, batch_size=x.shape[0]
-            )
+            # the clipped fn divided the sum by normalize_by, else by the batch's (real) size: the noise likewise
+            divisor = normalize_by if normalize_by is not None else x.shape[0] if mask is None else jnp.maximum(count, 1)
+            grads = add_dp_noise(grads, noise_key, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+                                 batch_size=divisor)
+        if mask is not None:
+            metrics["examples"] = count
         metrics["loss"] = value
         metrics["grad_norm"] = optax.tree.norm(grads)
 
@@ -498,19 +585,23 @@ def _platform(step: TrainStep) -> str:
     return next(iter(step.mesh.devices.flat if step.mesh is not None else jax.devices())).platform
 
 
-def _epoch_by(step: TrainStep, strategy: str, state: TrainState, xs, ys):
+def _epoch_by(step: TrainStep, strategy: str, state: TrainState, xs, ys, masks=None):
     if strategy == "scan":
-        return step._epoch(state, xs, ys)
+        return step._epoch(state, xs, ys) if masks is None else step._epoch_masked(state, xs, ys, masks)
     # On one CPU device the batches are numpy views of the stack and the metrics are stacked on the host: the
     # step's own program runs on them as on device arrays, and nothing else compiles (a slicing or stacking
     # program costs about as much to compile as a short epoch of a small model costs to run).
     host = step.mesh is None and _platform(step) == "cpu"
-    batches = zip(np.asarray(xs), np.asarray(ys)) if host else zip(*_unstack(xs, ys))
+    if masks is None:
+        batches = zip(np.asarray(xs), np.asarray(ys)) if host else zip(*_unstack(xs, ys))
+    else:
+        batches = zip(np.asarray(xs), np.asarray(ys), np.asarray(masks)) if host else zip(*_unstack(xs, ys, masks))
+    jitted = step._jitted if masks is None else step._jitted_masked
     # one step in flight on forced CPU devices with all-reduces, as parallel.place does for a step
     wait = step.mesh is not None and step.mesh.size > 1 and _platform(step) == "cpu"
     metrics = []
-    for x, y in batches:
-        state, step_metrics = step._jitted(state, x, y)
+    for batch in batches:
+        state, step_metrics = jitted(state, *batch)
         metrics.append(step_metrics)
         if wait:
             jax.block_until_ready(state)
@@ -520,7 +611,7 @@ def _epoch_by(step: TrainStep, strategy: str, state: TrainState, xs, ys):
     return state, _stack_metrics(metrics)
 
 
-def train_epoch(step: TrainStep, state: TrainState, xs, ys, *, strategy: str = "auto"):
+def train_epoch(step: TrainStep, state: TrainState, xs, ys, *, masks=None, strategy: str = "auto"):
     """Run a whole epoch of batches: every step compiled once, the metrics stacked.
 
     Args:
@@ -528,6 +619,8 @@ def train_epoch(step: TrainStep, state: TrainState, xs, ys, *, strategy: str = "
       state: the TrainState.
       xs: ``(num_batches, batch, ...)`` device-resident inputs.
       ys: ``(num_batches, batch, ...)`` targets.
+      masks: ``(num_batches, batch)`` bool, True for the real examples of padded
+        batches (``fbp.data.poisson_batches``), or None (every example is real).
       strategy: ``"scan"`` (one compiled ``lax.scan`` over the batches),
         ``"loop"`` (a Python loop of the jitted step, dispatched
         asynchronously: no host sync until the metrics are read), or
@@ -553,11 +646,17 @@ def train_epoch(step: TrainStep, state: TrainState, xs, ys, *, strategy: str = "
         )
     if xs_shape[0] == 0:
         raise ValueError(f"train_epoch: no batches (xs has shape {xs_shape})")
+    if masks is not None and tuple(jnp.shape(masks)) != tuple(xs_shape[:2]):
+        raise ValueError(
+            f"train_epoch: masks must have shape (num_batches, batch) = {tuple(xs_shape[:2])}, "
+            f"got {tuple(jnp.shape(masks))}"
+        )
     if step.mesh is not None:
         state, xs, ys = parallel.place(step.mesh, state, xs, ys, batch_axis=1)
+        masks = None if masks is None else parallel.shard_batch(step.mesh, masks, 1)
     if strategy == "auto":
         strategy = epoch_strategy(step, state, xs, ys)
-    return _epoch_by(step, strategy, state, xs, ys)
+    return _epoch_by(step, strategy, state, xs, ys, masks)
 
 
 def _default_loss(y):
