@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import fbp
 from fbp.layers.attention import MultiHeadAttention
 from fbp.layers.base import per_example_bias_grads, per_example_bias_sq_norms, sum_leading
-from fbp.layers.conv import _DIMS, _place
 from fbp.layers.recurrent import SimpleRNN
+from fbp.layers.windows import place
 
 
 def mutate(layer, backward: Callable | None = None, forward: Callable | None = None, methods: dict | None = None):
@@ -294,7 +294,7 @@ def conv_dx_unflipped(self, params, x, dy):
     kh, kw = self._kernel  # stride 1, "SAME": pads (k - 1) // 2 on each side
     W = jnp.swapaxes(params["W"], 2, 3)  # forgot [::-1, ::-1]
     pads = [((kh - 1) // 2, (kh - 1) // 2), ((kw - 1) // 2, (kw - 1) // 2)]
-    dx = jax.lax.conv_general_dilated(_images(dy), W, (1, 1), pads, dimension_numbers=_DIMS)
+    dx = jax.lax.conv_general_dilated(_images(dy), W, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return dparams, dx.reshape(x.shape)
 
 
@@ -310,13 +310,13 @@ def conv_dW_transposed(self, params, x, dy):
 
 def maxpool_everywhere(self, params, cache, dy):
     x, _ = cache
-    dx = sum(_place(_images(dy), (i, j), self._stride, x.shape[-3:-1]) for i in range(2) for j in range(2))
+    dx = sum(place(_images(dy), (i, j), self._stride, x.shape[-3:-1]) for i in range(2) for j in range(2))
     return {}, dx.reshape(x.shape)  # dy to every element of the window, not only to the maximum
 
 
 def avgpool_missing_scale(self, params, shape_record, dy):
     size = shape_record.shape[1:]
-    dx = sum(_place(_images(dy), (i, j), self._stride, size) for i in range(2) for j in range(2))
+    dx = sum(place(_images(dy), (i, j), self._stride, size) for i in range(2) for j in range(2))
     return {}, dx.reshape(*dy.shape[:-3], *size, dy.shape[-1])
 
 

@@ -19,7 +19,8 @@ import pytest
 import fbp
 from fbp import data
 from fbp.training import checkpoint
-from fbp.training.fit import TrainConfig, first_nonfinite, fit
+from fbp.training.faults import first_nonfinite
+from fbp.training.fit import TrainConfig, fit
 
 KEY = jax.random.PRNGKey(0)
 

@@ -11,7 +11,7 @@ import pytest
 
 import fbp
 from fbp import data, models
-from fbp.training.step import Policy, get_policy, value_and_grad_with_policy
+from fbp.training.precision import Policy, get_policy, value_and_grad_with_policy
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +143,8 @@ def test_epoch_strategy_is_a_rule_on_cpu(digits):
         model, params, optimizer = _setup(digits, spec)
         step = fbp.make_train_step(model, fbp.SoftmaxCrossEntropy(), optimizer)
         state = fbp.TrainState.create(params, optimizer)
-        assert fbp.training.step.epoch_strategy(step, state, b.xs, b.ys) == expected, spec
-        assert list(step._strategies.values()) == [expected]  # decided once per signature, kept on the step
+        assert fbp.training.epoch_strategy(step, state, b.xs, b.ys) == expected, spec
+        assert list(step.strategies.values()) == [expected]  # decided once per signature, kept on the step
     with pytest.raises(ValueError, match=r"strategy must be one of \('auto', 'scan', 'loop'\), got 'unroll'"):
         fbp.train_epoch(step, state, b.xs, b.ys, strategy="unroll")
 
@@ -155,7 +155,7 @@ def test_measured_strategy_leaves_the_state_alone(digits):
     step = fbp.make_train_step(model, fbp.SoftmaxCrossEntropy(), optimizer)
     b = data.batches(digits.x_train[:96], digits.y_train[:96], 32)
     state = fbp.TrainState.create(params, optimizer)
-    assert fbp.training.step._measure_strategies(step, state, b.xs, b.ys) in ("scan", "loop")
+    assert fbp.training.epoch.measure_strategies(step, state, b.xs, b.ys) in ("scan", "loop")
     assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state))
     _assert_same(state.params, params)
 
@@ -200,15 +200,15 @@ def test_nonfinite_batch_in_an_epoch_is_skipped_alike_by_every_strategy():
 
 
 def test_finite_gradients_whose_norm_overflows_count_as_finite():
-    from fbp.training.step import _grads_finite
+    from fbp.training.step import grads_finite
 
     big = [jnp.full((4,), 1e30, jnp.float32)]  # finite leaves; the sum of their squares overflows float32
     norm = optax.tree.norm(big)
-    assert not np.isfinite(float(norm)) and bool(_grads_finite(norm, big))
+    assert not np.isfinite(float(norm)) and bool(grads_finite(norm, big))
     for bad in (jnp.nan, jnp.inf):
         leaves = [jnp.ones(3), jnp.ones(2).at[1].set(bad)]
-        assert not bool(_grads_finite(optax.tree.norm(leaves), leaves))
-    assert bool(_grads_finite(optax.tree.norm([jnp.ones(3)]), [jnp.ones(3)]))
+        assert not bool(grads_finite(optax.tree.norm(leaves), leaves))
+    assert bool(grads_finite(optax.tree.norm([jnp.ones(3)]), [jnp.ones(3)]))
 
 
 def test_batch_checks_run_once_per_signature(digits, monkeypatch):

@@ -15,7 +15,8 @@ import fbp
 from fbp import data, models
 from fbp.check import GradientCheckError
 from fbp.training import checkpoint
-from fbp.training.fit import NonFiniteError, RetraceGuard, RetraceWarning, TrainConfig, first_nonfinite, fit
+from fbp.training.faults import NonFiniteError, RetraceGuard, RetraceWarning, first_nonfinite
+from fbp.training.fit import TrainConfig, fit
 
 TINY = TrainConfig(model="mlp:16", lr=0.01, epochs=3, batch_size=64, quiet=True, keep_checkpoints=2)
 
@@ -179,6 +180,23 @@ def test_check_gradients_aborts_on_a_wrong_backward(tmp_path, monkeypatch):
         fit(config, ds, log=printed.append)
     assert "FAIL" in printed[0]
     assert not (tmp_path / "checkpoints").exists()
+
+
+class UnscaledDropout(fbp.Dropout):
+    """A planted bug only a check with the run's key sees: the mask without its 1/(1 - rate)."""
+
+    def backward(self, params, scaled_mask, dy):
+        return {}, dy if scaled_mask is None else dy * (scaled_mask > 0)
+
+
+def test_check_gradients_draws_the_dropout_mask_of_the_run(tmp_path, monkeypatch):
+    ds = data.synthetic_classification(jax.random.PRNGKey(0), num_examples=80, num_features=4, num_classes=3)
+    config = TrainConfig(data="synthetic-classification", epochs=1, batch_size=16, quiet=True,
+                         check_gradients=True, out=str(tmp_path))
+    build = lambda spec, shape, outputs: fbp.Sequential([fbp.Dense(8), UnscaledDropout(0.5), fbp.Dense(outputs)])
+    monkeypatch.setattr(models, "build", build)
+    with pytest.raises(GradientCheckError, match="failed on the first batch"):
+        fit(config, ds, log=lambda line: None)
 
 
 @pytest.mark.parametrize(

@@ -145,7 +145,7 @@ def _config_facts(entry: dict) -> list[str]:
     """What the table alone does not say: the epoch strategy picked here, a mixed precision's agreement."""
     lines = []
     if entry.get("epoch_strategy"):
-        lines += ["", (f"`train_epoch` picks `{entry['epoch_strategy']}` here (`fbp.training.step.epoch_strategy`); "
+        lines += ["", (f"`train_epoch` picks `{entry['epoch_strategy']}` here (`fbp.training.epoch_strategy`); "
                        "its rows run the default (guarded) step, as `fbp train` does.")]
     if entry.get("precision"):
         agreement, precision = entry["precision"], entry["config"]["precision"]

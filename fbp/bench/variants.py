@@ -34,7 +34,7 @@ import optax
 import fbp
 from fbp.bench.configs import LARGE, Config, equinox_model, fbp_model, nnx_model, raw_apply
 from fbp.bench.timing import Variant, matmul_flops
-from fbp.training.step import epoch_strategy
+from fbp.training.epoch import epoch_strategy
 
 # per-example gradients materialised by vmap: skip the reference rows past this many floats
 VMAP_LIMIT = 1e8
@@ -157,7 +157,7 @@ def fbp_epoch_variant(model, loss, optimizer, params, batches, strategy: str, **
 
 
 def auto_strategy(model, loss, optimizer, params, batches, **options) -> str:
-    """What ``train_epoch(strategy="auto")`` picks for this config here (``fbp.training.step.epoch_strategy``)."""
+    """What ``train_epoch(strategy="auto")`` picks for this config here (``fbp.training.epoch_strategy``)."""
     step = fbp.make_train_step(model, loss, optimizer, **options)
     xs, ys = (jnp.stack(column) for column in zip(*batches))
     return epoch_strategy(step, fbp.TrainState.create(params, optimizer), xs, ys)

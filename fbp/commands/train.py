@@ -11,7 +11,7 @@ import argparse
 from fbp import data
 from fbp.privacy import ACCOUNTANTS
 from fbp.training.fit import DEFAULT_LR, OPTIMIZERS, SAMPLINGS, TrainConfig
-from fbp.training.step import PRECISIONS
+from fbp.training.precision import PRECISIONS
 
 _DEFAULTS = TrainConfig()
 

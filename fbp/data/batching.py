@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fbp.data.dataset import _check_pair
+from fbp.data.dataset import check_pair
 
 
 class Batches(NamedTuple):
@@ -45,7 +45,7 @@ def batches(x, y, batch_size: int, *, key: jax.Array | None = None, remainder: s
       Batches with ``xs: (num_batches, batch_size, ...)``, ``ys`` likewise and
       ``weights: (num_batches, batch_size)``.
     """
-    n = _check_pair(x, y, "batches")
+    n = check_pair(x, y, "batches")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batches: batch_size must be a positive int, got {batch_size!r}")
     if remainder not in ("drop", "pad"):

@@ -51,7 +51,7 @@ def train_test_split(x, y, *, test_fraction: float = 0.2, seed: int = 0):
     Returns:
       ``(x_train, y_train, x_test, y_test)`` as numpy arrays.
     """
-    n = _check_pair(x, y, "train_test_split")
+    n = check_pair(x, y, "train_test_split")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"train_test_split: test_fraction must lie in (0, 1), got {test_fraction!r}")
     num_test = max(1, round(n * test_fraction))
@@ -109,7 +109,7 @@ def check_indices(dataset: Dataset) -> None:
 
 
 
-def _check_pair(x, y, where: str) -> int:
+def check_pair(x, y, where: str) -> int:
     x_shape, y_shape = np.shape(x), np.shape(y)
     if len(x_shape) < 1 or len(y_shape) < 1 or x_shape[0] != y_shape[0]:
         raise ValueError(f"{where}: expected x and y with the same leading axis, got shapes {x_shape} and {y_shape}")

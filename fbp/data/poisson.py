@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fbp.data.dataset import _check_pair
+from fbp.data.dataset import check_pair
 
 
 class PoissonBatches(NamedTuple):
@@ -97,7 +97,7 @@ def poisson_batches(
       ``mask: (steps, max_batch_size)`` bool.
     """
     where = "poisson_batches"
-    n = _check_pair(x, y, where)
+    n = check_pair(x, y, where)
     _check_poisson_args(n, sampling_rate, steps, where)
     if overflow not in ("raise", "truncate"):
         raise ValueError(f"{where}: overflow must be 'raise' or 'truncate', got {overflow!r}")

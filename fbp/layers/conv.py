@@ -1,7 +1,7 @@
 """Convolution on channels-last signals: Conv1D (NWC) and Conv2D (NHWC), one implementation.
 
 Both are ``_Conv`` with one or two spatial axes; the private window helpers
-here (``_window_slice``, ``_place``) work on any number of spatial axes and are
+here (``window_slice``, ``place``) work on any number of spatial axes and are
 shared with the pools (fbp/layers/pool.py). Every layer accepts one example
 (``(L, C)`` or ``(H, W, C)``, as vmap feeds it) or any number of leading axes.
 """
@@ -19,7 +19,6 @@ from jax import lax
 from fbp.layers.base import (
     Layer,
     check_array,
-    check_float,
     describe,
     param_dtype,
     per_example_bias_grads,
@@ -27,32 +26,14 @@ from fbp.layers.base import (
     weighted_grads_from_input,
 )
 from fbp.layers.initializers import check_weight_init, init_weight
+from fbp.layers.windows import as_batch, freeze, is_count, spatial_ints, window_slice
 
 # (input, kernel, output) layouts of lax.conv_general_dilated, by number of spatial axes
 _LAYOUTS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}
-_DIMS = _LAYOUTS[2]
 # dW as a convolution of x with dy: the batch axis n is the contracted "channel", input channel c the "batch"
 _KERNEL_GRAD_LAYOUTS = {1: ("CWN", "IWO", "WNC"), 2: ("CHWN", "IHWO", "HWNC")}
 _AXIS_NAMES = {1: ("L",), 2: ("H", "W")}
 _SIGNAL = {1: "sequence", 2: "image"}
-
-
-def _freeze(v):
-    """Lists to tuples, recursively: a layer's fields must be hashable (layers are static under jit)."""
-    return tuple(_freeze(e) for e in v) if isinstance(v, (list, tuple)) else v
-
-
-def _is_count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _ints(v, n: int, what: str, owner: str) -> tuple[int, ...]:
-    """An int, or one per spatial axis: ``n`` positive ints."""
-    ints = (v,) * n if isinstance(v, int) else tuple(v) if isinstance(v, (tuple, list)) else ()
-    if len(ints) != n or not all(_is_count(k) and k >= 1 for k in ints):
-        kind = "int" if n == 1 else f"int or a tuple of {n} of them"
-        raise ValueError(f"{owner}: {what} must be a positive {kind}, got {v!r}")
-    return ints
 
 
 def _explicit_pads(padding, n: int, owner: str) -> tuple[tuple[int, int], ...] | None:
@@ -69,16 +50,16 @@ def _explicit_pads(padding, n: int, owner: str) -> tuple[tuple[int, int], ...] |
             f"{owner}: padding must be 'SAME' or 'VALID', got {padding!r}; "
             "or an int, or one int or (low, high) pair per spatial axis"
         )
-    if _is_count(padding):
+    if is_count(padding):
         return ((padding, padding),) * n
     entries = tuple(padding) if isinstance(padding, (tuple, list)) else ()
-    if n == 1 and len(entries) == 2 and all(_is_count(e) for e in entries):
+    if n == 1 and len(entries) == 2 and all(is_count(e) for e in entries):
         entries = (entries,)  # Conv1D: one (low, high) pair
     pairs = []
     for entry in entries:
-        if _is_count(entry):
+        if is_count(entry):
             pairs.append((entry, entry))
-        elif isinstance(entry, (tuple, list)) and len(entry) == 2 and all(_is_count(e) for e in entry):
+        elif isinstance(entry, (tuple, list)) and len(entry) == 2 and all(is_count(e) for e in entry):
             pairs.append(tuple(entry))
     if len(entries) != n or len(pairs) != n:
         axes = ", ".join(_AXIS_NAMES[n])
@@ -87,32 +68,6 @@ def _explicit_pads(padding, n: int, owner: str) -> tuple[tuple[int, int], ...] |
             f"spatial axis ({axes}), got {padding!r}"
         )
     return tuple(pairs)
-
-
-def _as_batch(layer, x, spatial: int):
-    """(..., *S, C) -> ((N, *S, C), leading shape), after checking rank and dtype."""
-    check_array(layer, x, min_ndim=spatial + 1)
-    check_float(layer, x)
-    lead = x.shape[: x.ndim - spatial - 1]
-    return x.reshape(-1, *x.shape[x.ndim - spatial - 1 :]), lead
-
-
-def _window_slice(x, offset, stride, out_shape):
-    """``x[:, o + s a, :]`` over output positions a, on each spatial axis of ``x: (N, *S, C)``."""
-    window = tuple(slice(o, o + s * (m - 1) + 1, s) for o, s, m in zip(offset, stride, out_shape))
-    return x[(slice(None), *window, slice(None))]
-
-
-def _place(c, offset, stride, size):
-    """Scatter ``c[:, a]`` to ``out[:, offset + stride a]`` in an ``(N, *size, C)`` array of zeros.
-
-    The transpose of ``_window_slice``, as one pad (interior padding spaces the strided elements).
-    """
-    config = [(0, 0, 0)]
-    for o, s, m, n in zip(offset, stride, c.shape[1:-1], size):
-        config.append((o, n - o - s * (m - 1) - 1, s - 1))
-    config.append((0, 0, 0))
-    return lax.pad(c, jnp.zeros((), c.dtype), config)
 
 
 @dataclass(frozen=True)
@@ -139,20 +94,20 @@ class _Conv(Layer):
         if not isinstance(self.features, int) or isinstance(self.features, bool) or self.features < 1:
             raise ValueError(f"{name}: features must be a positive int, got {self.features!r}")
         for field in ("kernel_size", "stride", "padding"):
-            object.__setattr__(self, field, _freeze(getattr(self, field)))
+            object.__setattr__(self, field, freeze(getattr(self, field)))
         owner = f"{name}({self.features})"
-        _ints(self.kernel_size, self._spatial, "kernel_size", owner)
-        _ints(self.stride, self._spatial, "stride", owner)
+        spatial_ints(self.kernel_size, self._spatial, "kernel_size", owner)
+        spatial_ints(self.stride, self._spatial, "stride", owner)
         _explicit_pads(self.padding, self._spatial, owner)
         check_weight_init(owner, self.weight_init)
 
     @property
     def _kernel(self) -> tuple[int, ...]:
-        return _ints(self.kernel_size, self._spatial, "kernel_size", type(self).__name__)
+        return spatial_ints(self.kernel_size, self._spatial, "kernel_size", type(self).__name__)
 
     @property
     def _stride(self) -> tuple[int, ...]:
-        return _ints(self.stride, self._spatial, "stride", type(self).__name__)
+        return spatial_ints(self.stride, self._spatial, "stride", type(self).__name__)
 
     def _pads(self, spatial_shape) -> list[tuple[int, int]]:
         explicit = _explicit_pads(self.padding, self._spatial, describe(self))
@@ -169,7 +124,7 @@ class _Conv(Layer):
         return params
 
     def _as_batch(self, params, x):
-        xs, lead = _as_batch(self, x, self._spatial)
+        xs, lead = as_batch(self, x, self._spatial)
         n, in_channels = self._spatial, params["W"].shape[-2]
         if xs.shape[-1] != in_channels:
             axes = ", ".join(_AXIS_NAMES[n])
@@ -238,7 +193,7 @@ class _Conv(Layer):
         x_padded = jnp.pad(xs, ((0, 0), *pads, (0, 0)))
         out_shape = dy.shape[dy.ndim - n - 1 : -1]
         return [
-            _window_slice(x_padded, offset, self._stride, out_shape).reshape(batch, -1, xs.shape[-1])
+            window_slice(x_padded, offset, self._stride, out_shape).reshape(batch, -1, xs.shape[-1])
             for offset in itertools.product(*(range(k) for k in self._kernel))
         ]
 

@@ -2,7 +2,7 @@
 
 Both accept ``(H, W, C)`` (one example, as vmap feeds it) or ``(..., H, W, C)``
 with any number of leading axes. The window helpers are the convolutions'
-(fbp/layers/conv.py): a strided slice per window offset, and its transpose.
+(fbp/layers/windows.py): a strided slice per window offset, and its transpose.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fbp.layers.base import Layer, describe
-from fbp.layers.conv import _as_batch, _freeze, _ints, _place, _window_slice
+from fbp.layers.windows import as_batch, freeze, place, spatial_ints, window_slice
 
 
 class _Pool(Layer):
@@ -22,23 +22,23 @@ class _Pool(Layer):
 
     def __post_init__(self):
         name = type(self).__name__
-        object.__setattr__(self, "window", _freeze(self.window))
-        object.__setattr__(self, "stride", _freeze(self.stride))
-        _ints(self.window, 2, "window", name)
+        object.__setattr__(self, "window", freeze(self.window))
+        object.__setattr__(self, "stride", freeze(self.stride))
+        spatial_ints(self.window, 2, "window", name)
         if self.stride is not None:
-            _ints(self.stride, 2, "stride", name)
+            spatial_ints(self.stride, 2, "stride", name)
 
     @property
     def _window(self) -> tuple[int, ...]:
-        return _ints(self.window, 2, "window", type(self).__name__)
+        return spatial_ints(self.window, 2, "window", type(self).__name__)
 
     @property
     def _stride(self) -> tuple[int, ...]:
-        return self._window if self.stride is None else _ints(self.stride, 2, "stride", type(self).__name__)
+        return self._window if self.stride is None else spatial_ints(self.stride, 2, "stride", type(self).__name__)
 
     def _images(self, x):
         """(..., H, W, C) -> ((N, H, W, C), leading shape), checking the image covers the window."""
-        x4, lead = _as_batch(self, x, 2)
+        x4, lead = as_batch(self, x, 2)
         (kh, kw), hw = self._window, x4.shape[1:3]
         if hw[0] < kh or hw[1] < kw:
             raise ValueError(f"{describe(self)}: image {tuple(hw)} is smaller than the window {(kh, kw)}")
@@ -79,9 +79,9 @@ class MaxPool2D(_Pool):
         dx = jnp.zeros_like(x4)
         for i in range(self._window[0]):
             for j in range(self._window[1]):
-                hit = (_window_slice(x4, (i, j), self._stride, out_hw) == y4) & ~taken
+                hit = (window_slice(x4, (i, j), self._stride, out_hw) == y4) & ~taken
                 taken = taken | hit
-                dx = dx + _place(jnp.where(hit, dy4, 0), (i, j), self._stride, size)
+                dx = dx + place(jnp.where(hit, dy4, 0), (i, j), self._stride, size)
         return {}, dx.reshape(x.shape)
 
 
@@ -110,6 +110,6 @@ class AvgPool2D(_Pool):
         dy4 = dy.reshape(-1, *dy.shape[-3:]) / (self._window[0] * self._window[1])
         size = shape_record.shape[1:]
         dx = sum(
-            _place(dy4, (i, j), self._stride, size) for i in range(self._window[0]) for j in range(self._window[1])
+            place(dy4, (i, j), self._stride, size) for i in range(self._window[0]) for j in range(self._window[1])
         )
         return {}, dx.reshape(*dy.shape[:-3], *size, dy.shape[-1])

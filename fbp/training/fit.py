@@ -30,10 +30,8 @@ first epoch (a new input shape or dtype) warns with RetraceWarning.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import time
@@ -54,15 +52,12 @@ from fbp.layers.base import uses_key
 from fbp.losses import MSE, SoftmaxCrossEntropy
 from fbp.training import checkpoint
 from fbp.training import log as run_log
-from fbp.training.step import (
-    PRECISIONS,
-    TrainState,
-    TrainStep,
-    evaluate,
-    make_train_step,
-    train_epoch,
-    value_and_grad_with_policy,
-)
+from fbp.training.dp import PrivacyPlan, plan_privacy
+from fbp.training.epoch import train_epoch
+from fbp.training.evaluate import evaluate
+from fbp.training.faults import NonFiniteError, RetraceGuard, first_nonfinite
+from fbp.training.precision import PRECISIONS, value_and_grad_with_policy
+from fbp.training.step import TrainState, TrainStep, make_train_step
 
 OPTIMIZERS = {
     "sgd": optax.sgd,
@@ -210,155 +205,11 @@ class TrainResult(NamedTuple):
     out_dir: Path
 
 
-class PrivacyPlan(NamedTuple):
-    """What a DP-SGD run fixes before its first step, and the epsilon it spends.
-
-    Attributes:
-      noise_multiplier: sigma (given, or calibrated to ``target_epsilon`` over ``steps``).
-      sampling: ``"poisson"`` or ``"shuffle"``.
-      sampling_rate: q = batch_size / N (the expected batch size q N is the batch size).
-      steps: the run's total steps (epochs times steps per epoch), which the calibration covers.
-      delta: the delta of every epsilon reported.
-      accountant: ``"rdp"`` or ``"pld"``.
-      max_batch_size: the padded batch size under Poisson sampling (``fbp.data.poisson_max_batch_size``
-        over ``steps``); None for shuffled batches.
-      target_epsilon: the target the noise was calibrated to, or None.
-    """
-
-    noise_multiplier: float
-    sampling: str
-    sampling_rate: float
-    steps: int
-    delta: float
-    accountant: str
-    max_batch_size: int | None
-    target_epsilon: float | None
-
-    def epsilon(self, steps: int) -> float:
-        """The epsilon spent after ``steps`` steps (``fbp.privacy.epsilon``)."""
-        with _quiet_accountant():
-            return privacy.epsilon(self.noise_multiplier, self.sampling_rate, steps, self.delta,
-                                   accountant=self.accountant)
-
-    def describe(self, config: TrainConfig, num_examples: int) -> str:
-        """Two lines for the terminal: the mechanism, and what its guarantee covers."""
-        noise = (f"noise multiplier {self.noise_multiplier:.4g} (calibrated to epsilon {self.target_epsilon:g} over "
-                 f"{self.steps} steps)" if self.target_epsilon is not None
-                 else f"noise multiplier {self.noise_multiplier:g}")
-        default = " (the default: 1/N rounded down to a power of ten)" if config.delta is None else ""
-        head = (f"DP-SGD: clip norm {config.clip_norm:g}, {noise}, delta {self.delta:g}{default}, "
-                f"{self.accountant.upper()} accountant")
-        if self.sampling == "poisson":
-            return (f"{head}\nPoisson sampling: each of the {num_examples} examples joins a step with probability "
-                    f"q = {config.batch_size}/{num_examples} = {self.sampling_rate:.4g}; batches padded to "
-                    f"{self.max_batch_size} and masked; the noisy sum is divided by q N = {config.batch_size}")
-        return (f"{head}\nfixed-size shuffled batches (--sampling shuffle): the accountant's guarantee assumes Poisson "
-                "sampling; the epsilon printed is computed as if the batches were Poisson sampled, not proven for them")
-
-    def as_dict(self, epsilon: float) -> dict:
-        return {**self._asdict(), "epsilon": epsilon}
-
-
-@contextlib.contextmanager
-def _quiet_accountant():
-    """dp_accounting logs (absl, WARNING) each RDP order it excludes for not converging, dozens of lines per
-    call at large sampling rates; the bound stays valid (an upper bound over the orders kept). Errors still show."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def plan_privacy(config: TrainConfig, num_examples: int, steps: int, saved: dict | None = None) -> PrivacyPlan | None:
-    """The PrivacyPlan of a DP-SGD run on ``num_examples`` examples over ``steps`` steps (None for other runs).
-
-    ``saved`` (a resumed run's plan) is kept as it was, so the noise and the padded size stay those of the
-    run being continued, whatever its new ``epochs``.
-    """
-    if not config.private:
-        return None
-    if saved:
-        return PrivacyPlan(**{name: saved[name] for name in PrivacyPlan._fields})
-    q = config.batch_size / num_examples
-    delta = config.delta if config.delta is not None else privacy.default_delta(num_examples)
-    if config.target_epsilon is not None:
-        with _quiet_accountant():
-            sigma = privacy.noise_multiplier_for_epsilon(config.target_epsilon, q, steps, delta,
-                                                         accountant=config.accountant)
-    else:
-        sigma = float(config.noise_multiplier)
-    max_batch_size = None
-    if config.batch_sampling == "poisson":
-        max_batch_size = data.poisson_max_batch_size(num_examples, q, steps)
-        if config.devices:  # a multiple of the devices, to split evenly
-            max_batch_size = -(-max_batch_size // config.devices) * config.devices
-    return PrivacyPlan(sigma, config.batch_sampling, q, steps, delta, config.accountant, max_batch_size,
-                       config.target_epsilon)
-
-
-class NonFiniteError(FloatingPointError):
-    """Training stopped on a NaN/Inf loss or gradient (``on_nonfinite="stop"``)."""
-
-
-class RetraceWarning(RuntimeWarning):
-    """The train step was traced again after warm-up: a new input shape or dtype, so a recompile."""
-
-
-class RetraceGuard:
-    """Counts traces of a TrainStep's function and warns (RetraceWarning) at each one after ``arm()``.
-
-        guard = RetraceGuard(step)
-        state, metrics = fbp.train_epoch(guard.step, state, xs, ys)  # the first epoch compiles
-        guard.arm()                                                    # from now on, a trace is a recompile
-
-    Attributes:
-      step: the TrainStep to call instead of the original.
-      traces: how many times its function has been traced.
-    """
-
-    def __init__(self, step: TrainStep):
-        self.traces = 0
-        self._armed = False
-
-        def counted(state, x, y, mask=None):
-            # Python runs this only while JAX traces, so the counter counts traces (a side effect on purpose)
-            self.traces += 1
-            if self._armed:
-                warnings.warn(
-                    f"fbp: the train step was traced again (trace {self.traces}, for x {x.shape} {x.dtype}, "
-                    f"y {y.shape} {y.dtype}) after warm-up: a new input shape or dtype recompiles the step. "
-                    "Keep every batch the same shape (drop or pad the last batch).",
-                    RetraceWarning,
-                    stacklevel=2,
-                )
-            return step.pure(state, x, y, mask)
-
-        self.step = dataclasses.replace(step, pure=counted)
-
-    def arm(self) -> None:
-        """Every trace from now on warns."""
-        self._armed = True
-
-
 def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
     """``sgd``, ``momentum``, ``adam`` or ``adamw`` at learning rate ``lr``."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
     return OPTIMIZERS[name](lr)
-
-
-def first_nonfinite(value, grads) -> str | None:
-    """``"loss"`` if ``value`` is NaN/Inf, else the path of the first gradient leaf holding one
-    (e.g. ``"[2]['W']"``), else None."""
-    if not np.all(np.isfinite(np.asarray(value))):
-        return "loss"
-    for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
-        if not np.all(np.isfinite(np.asarray(leaf))):
-            return jax.tree_util.keystr(path)
-    return None
 
 
 def _make_step(model, loss, optimizer, config: TrainConfig, plan: PrivacyPlan | None = None) -> TrainStep:
@@ -529,7 +380,8 @@ def fit(config: TrainConfig, dataset: data.Dataset | None = None, *, log: Callab
         if config.check_gradients and start_epoch < config.epochs:
             key = data.epoch_key(config.seed, start_epoch + 1)
             first = data.batches(x_train, y_train, config.batch_size, key=key)
-            report = check_gradients(model, loss, state.params, first.xs[0], first.ys[0], seed=config.seed)
+            # the key reaches Dropout: its mask is checked too
+            report = check_gradients(model, loss, state.params, first.xs[0], first.ys[0], key=key, seed=config.seed)
             say_line(str(report))
             if not report.ok:
                 raise GradientCheckError(f"--check-gradients: the gradient check failed on the first batch\n{report}")
