@@ -7,9 +7,9 @@ For each cell, the model is ``fbp train --data adding --model <cell>:64``'s (the
 recurrent layer, then Dense on its last state), at its initial parameters and after
 that default run (40 epochs, ``fbp.fit``). On 256 test sequences of length 50 the
 loss of one example is (y_hat - y)^2, so dL/dh_{T-1} = 2 (y_hat - y) W_dense^T and
-every earlier dL/dh_t comes from the layer's own hand-written reverse scan: the
-script wraps the cell's ``_step_back`` (the step the layer's ``backward`` runs) to
-record dh_t = dy_t + dh_next, the quantity the scan carries, and plots its norm,
+every earlier dL/dh_t comes from the layer's own hand-written reverse scan:
+``hidden_grads`` runs the very steps the layer's ``backward`` runs and records
+dh_t = dy_t + dh_next, the quantity the scan carries; the script plots its norm,
 averaged over the sequences, relative to its value at the last step (a trained model's
 error, and so every dL/dh_t, is small; the ratio is what shows how far the gradient
 travels). The value that matters sits at the marked steps, one
@@ -42,12 +42,7 @@ def grad_norms_over_time(model, params, x, y) -> np.ndarray:
     y_hat, dense_cache = dense.forward(params[1], h_last)
     _, dh_last = dense.backward(params[1], dense_cache, 2.0 * (y_hat - y))  # one example's loss, per example
 
-    def recording(layer, p, dstate, inputs):
-        # the cell's own step, unchanged; its second output now carries dh_t = dy_t + dh_next instead of dah_t
-        dstate_prev, (da, _) = type(layer)._step_back(layer, p, dstate, inputs)
-        return dstate_prev, (da, inputs[3] + dstate[0])
-
-    *_, dh = recurrent._deltas(params[0], cache, dh_last, step_back=recording)  # (T, N, H)
+    dh = recurrent.hidden_grads(params[0], cache, dh_last)  # (T, N, H)
     np.testing.assert_allclose(dh[-1], dh_last, rtol=1e-6)  # the last step receives exactly the head's gradient
     return np.asarray(jnp.linalg.norm(dh, axis=-1).mean(axis=1))
 

@@ -88,6 +88,24 @@ def test_checker_passes_a_correct_sequence_model():
     assert report.hook_layers == 5  # Conv1D, GRU, LSTM, Dense and the model: the hooks a clipped step runs
 
 
+def test_hidden_grads_are_the_gradient_of_a_perturbation_of_each_h_t(x64):
+    """``hidden_grads`` against jax.grad of an independent SimpleRNN loop with eps_t added to h_t."""
+    layer = SimpleRNN(3, return_sequences=False)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 4), jnp.float64)
+    params = layer.init(jax.random.PRNGKey(1), x)
+    dy = jax.random.normal(jax.random.PRNGKey(2), (2, 3), jnp.float64)
+
+    def loss(eps):  # eps: (T, N, H)
+        h = jnp.zeros((2, 3), jnp.float64)
+        for t in range(5):
+            h = jnp.tanh(x[:, t] @ params["W"] + h @ params["U"] + params["b"][None]) + eps[t]
+        return jnp.sum(h * dy)
+
+    expected = jax.grad(loss)(jnp.zeros((5, 2, 3), jnp.float64))
+    _, cache = layer.forward(params, x)
+    np.testing.assert_allclose(layer.hidden_grads(params, cache, dy), expected, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("cls", [SimpleRNN, GRU, LSTM])
 def test_init_is_pytorchs(cls):
     """Weights ~ U(-1/sqrt(H), 1/sqrt(H)); b = bias_ih + bias_hh lies within twice that."""

@@ -6,6 +6,10 @@ All leading axes are independent sequences; inside they are flattened into one
 batch axis of size N and the arrays run time-major, ``(T, N, .)``, as
 ``lax.scan`` wants.
 
+(One file of about 490 lines, on purpose: each cell's ``_step`` and ``_step_back`` sit beside
+the one forward scan and the one reverse scan that run all three cells, so a reader checks a
+cell's chain rule against the contract it implements without opening another file.)
+
 The forward pass is one ``lax.scan`` over time; the input's share of every gate,
 ``x_t W + b``, is one matmul over all steps before it. The backward pass is one
 reverse ``lax.scan`` from the chain rule: at step t,
@@ -251,6 +255,22 @@ class _Recurrent(Layer):
         returns ``dparams`` shaped like params and ``dx: (..., T, F)``.
         """
         return self._backward(params, cache, dy)
+
+    def hidden_grads(self, params, cache, dy):
+        """dL/dh_t at every step, as backpropagation through time computes it (what ``backward`` runs on).
+
+        dh_t = dy_t + the gradient step t+1 sends back through h_t; its norm against t shows a gradient
+        vanish or survive (scripts/bptt_grad_norms.py). ``cache`` from ``forward``, ``dy`` as ``backward``
+        takes it. Returns ``(T, N, H)``, time-major, N the sequences (``(2, T, N, H)`` if bidirectional,
+        the backward direction in its own, reversed, time).
+        """
+
+        def recording(layer, p, dstate, inputs):
+            # the cell's own step, unchanged; its second output now carries dh_t = dy_t + dh_next instead of dah_t
+            dstate_prev, (da, _) = type(layer)._step_back(layer, p, dstate, inputs)
+            return dstate_prev, (da, inputs[3] + dstate[0])
+
+        return self._deltas(params, cache, dy, step_back=recording)[-1]
 
     # --- per-example hooks ------------------------------------------------------
 
