@@ -235,3 +235,19 @@ def test_sequence_benchmark_smoke(capsys):
     for variant in sequences["VARIANTS"]:
         assert out.count(f"| {variant} |") == len(sequences["QUICK"])
     assert out.count("targets: manual / autodiff") == len(sequences["QUICK"])
+
+
+def test_the_benchmarks_dot_product_attention_reference_is_the_same_model():
+    """The benchmark's jax.grad reference (attention by jax.nn.dot_product_attention) computes fbp's transformer."""
+    import runpy
+    from pathlib import Path
+
+    sequences = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" / "sequences.py"))
+    cfg = {"kind": "transformer", "batch": 2, "time": 8, "d_model": 16, "blocks": 2, "vocab": 11}
+    model, _, x, _ = sequences["build"](cfg)
+    reference = sequences["build"](cfg, sequences["DotProductBlock"])[0]
+    params = model.init(jax.random.PRNGKey(0), x)
+    np.testing.assert_allclose(reference.apply(params, x), model.apply(params, x), rtol=2e-5, atol=2e-5)
+    # the cache: x, q, k, v, o (2, 8, 16) and the row log-sum-exp (2, 2 heads, 8), float32: linear in time
+    assert sequences["attention_cache"](cfg) == ((5 * 2 * 8 * 16 + 2 * 2 * 8) * 4, 2 * 2 * 8 * 8 * 4)
+    assert sequences["attention_cache"]({**cfg, "time": 16}) == ((5 * 2 * 16 * 16 + 2 * 2 * 16) * 4, 2 * 2 * 16 * 16 * 4)
