@@ -330,7 +330,7 @@ class NoHooks:
 
 @dataclasses.dataclass(frozen=True)
 class RaisingHookDense(fbp.Dense):
-    def per_example_sq_norms(self, params, x, dy):
+    def per_example_backward(self, params, x, dy):
         raise ValueError("not written yet")
 
 
@@ -352,9 +352,8 @@ def test_every_hook_the_step_runs_is_checked_and_named_by_layer():
     assert report.ok, str(report)
     hooks = {(r.path.split(" ")[0], r.check) for r in report.rows if r.check in check.HOOKS + (FALLBACK,)}
     assert hooks >= {
-        ("[0]", "per_example_sq_norms"),
-        ("[0]", "per_example_weighted_grads"),
-        ("[2].block[0]", "per_example_sq_norms"),
+        ("[0]", "per_example_backward"),  # Dense: one walk gives norms, dx and the weighted sum
+        ("[2].block[0]", "per_example_backward"),
         ("[2].block[1]", "per_example_sq_norms"),
         ("[2].block[1]", FALLBACK),  # LayerNorm has no weighted hook: the step falls back to backward
         ("[3]", FALLBACK),  # no hooks at all: jax.vmap of its backward
@@ -369,9 +368,9 @@ def test_a_hook_that_raises_is_a_failing_row_naming_layer_and_hook():
     report = fbp.check_gradients(*_case(_mlp(first=RaisingHookDense(5))))
     assert not report.ok
     assert report.first_bad_layer == "[0] RaisingHookDense(5)"
-    assert report.first_bad_hook == "[0] RaisingHookDense(5).per_example_sq_norms"
+    assert report.first_bad_hook == "[0] RaisingHookDense(5).per_example_backward"
     assert "raised ValueError: not written yet" in str(report)
-    assert "first wrong hook: [0] RaisingHookDense(5).per_example_sq_norms" in str(report)
+    assert "first wrong hook: [0] RaisingHookDense(5).per_example_backward" in str(report)
 
 
 def test_a_combinator_that_wires_its_childrens_hooks_wrong_is_named():
@@ -394,7 +393,7 @@ def test_check_layer_checks_the_hooks_of_a_batched_layer():
     dense = fbp.Dense(3)
     params = dense.init(jax.random.PRNGKey(2), x)
     report = check_layer(dense, params, x, hooks=True)
-    assert report.ok and {r.check for r in report.rows} == {"vjp", "per_example_sq_norms", "per_example_weighted_grads"}
+    assert report.ok and {r.check for r in report.rows} == {"vjp", "per_example_backward"}
     planted = mutate(dense, methods=BY_NAME["dense hook: per-example norm missing ||db_i||^2"].methods)
     assert [r.path for r in check_layer(planted, params, x, hooks=True).rows if not r.ok] == ["model sq_norms"]
 

@@ -22,8 +22,7 @@ from fbp.layers.base import (
     param_dtype,
     per_example_bias_grads,
     per_example_bias_sq_norms,
-    per_example_outer_sq_norms,
-    scale_examples,
+    per_example_outer,
 )
 
 _PROJECTIONS = ("q", "k", "v", "o")
@@ -209,22 +208,21 @@ class MultiHeadAttention(Layer):
 
         Each projection's per-example gradient is a sum over the example's
         positions of outer products input_t^T grad_t, so its squared norm comes
-        from ``per_example_outer_sq_norms`` (Gram form or the matrix, whichever
-        is cheaper: mixed ghost clipping, Bu et al. 2022); the bias's is
-        ||sum_t grad_t||^2. ``weighted_grads(weights)`` weighs the inputs.
+        from ``per_example_outer`` (Gram form or the matrix, whichever is
+        cheaper: mixed ghost clipping, Bu et al. 2022; the matrices, where
+        made, are reused for ``weighted_grads``); the bias's is ||sum_t grad_t||^2.
         """
         self._check_batched(dy)
         batch = dy.shape[0]
         pairs, dx = self._projection_grads(params, cache, dy)
         per_position = {n: tuple(c.reshape(batch, -1, c.shape[-1]) for c in pair) for n, pair in pairs.items()}
-        sq_norms = sum(
-            per_example_outer_sq_norms(a, b) + per_example_bias_sq_norms(b) for a, b in per_position.values()
-        )
+        outer = {n: per_example_outer(a, b) for n, (a, b) in per_position.items()}
+        sq_norms = sum(outer[n][0] + per_example_bias_sq_norms(b) for n, (_, b) in per_position.items())
 
         def weighted_grads(weights):
             dparams = {}
-            for name, (a, b) in per_position.items():
-                dparams[f"W{name}"] = _flat(scale_examples(a, weights)).T @ _flat(b)
+            for name, (_, b) in per_position.items():
+                dparams[f"W{name}"] = outer[name][1](weights)
                 dparams[f"b{name}"] = weights.astype(b.dtype) @ per_example_bias_grads(b)
             return dparams
 

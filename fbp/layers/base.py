@@ -8,6 +8,7 @@ norms and weighted gradients by vmap) and small checks used by every layer.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
@@ -267,6 +268,30 @@ def per_example_outer_sq_norms(a: jax.Array, b: jax.Array) -> jax.Array:
         return jnp.sum(gram_a * gram_b, axis=(1, 2))
     g = jnp.einsum("bti,bto->bio", a, b)
     return jnp.sum(g * g, axis=(1, 2))
+
+
+def per_example_outer(a: jax.Array, b: jax.Array) -> tuple[jax.Array, Callable]:
+    """``(sq_norms, weighted)`` for per-example gradients ``g_i = sum_t a[i, t]^T b[i, t]``: one clipping walk.
+
+    ``sq_norms: (batch,)`` as ``per_example_outer_sq_norms`` (in at least float32);
+    ``weighted(weights) = sum_i weights[i] g_i``, ``(I, O)`` in b's dtype. Where
+    the norms take the matrix form, the per-example matrices computed for them
+    are kept and ``weighted`` is their weighted sum (book-keeping, Bu et al.
+    2023): the clipped gradient then costs no second x^T dy. In the Gram or
+    one-position form no matrix exists and ``weighted`` is ``(weights a)^T b``
+    over every example and position.
+
+    Args:
+      a: ``(batch, T, I)``. b: ``(batch, T, O)``.
+    """
+    steps, n_in, n_out = a.shape[1], a.shape[2], b.shape[2]
+    if steps == 1 or steps * (n_in + n_out) < n_in * n_out:
+        return per_example_outer_sq_norms(a, b), lambda weights: (
+            scale_examples(a, weights).reshape(-1, n_in).T @ b.reshape(-1, n_out)
+        )
+    dtype = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
+    g = jnp.einsum("bti,bto->bio", a, b, preferred_element_type=dtype)
+    return jnp.sum(g * g, axis=(1, 2)), lambda weights: jnp.tensordot(weights.astype(dtype), g, 1).astype(b.dtype)
 
 
 def per_example_bias_grads(dy: jax.Array) -> jax.Array:

@@ -13,7 +13,9 @@ from fbp.layers.base import (
     check_float,
     describe,
     param_dtype,
+    per_example_bias_grads,
     per_example_bias_sq_norms,
+    per_example_outer,
     per_example_outer_sq_norms,
     weighted_grads_from_input,
 )
@@ -91,6 +93,25 @@ class Dense(Layer):
         dy3 = dy.reshape(batch, -1, dy.shape[-1])
         sq = per_example_outer_sq_norms(x3, dy3)
         return sq + per_example_bias_sq_norms(dy) if self.use_bias else sq
+
+    def per_example_backward(self, params, x, dy):
+        """``(sq_norms, dx, weighted_grads)`` from one walk (``call_per_example_backward``).
+
+        Over several positions, where the norm takes the matrix form, each
+        example's dW_i is computed once, for its norm and for the weighted sum
+        (``per_example_outer``).
+        """
+        batch = dy.shape[0]
+        x3, dy3 = x.reshape(batch, -1, x.shape[-1]), dy.reshape(batch, -1, dy.shape[-1])
+        sq, weighted_W = per_example_outer(x3, dy3)
+
+        def weighted_grads(weights):
+            dparams = {"W": weighted_W(weights)}
+            if self.use_bias:
+                dparams["b"] = weights.astype(dy.dtype) @ per_example_bias_grads(dy)
+            return dparams
+
+        return (sq + per_example_bias_sq_norms(dy) if self.use_bias else sq), dy @ params["W"].T, weighted_grads
 
     def per_example_weighted_grads(self, params, x, dy, weights):
         """sum_i weights[i] g_i for ``x: (batch, ..., in_features)``: dW = (weights x)^T dy, db = weights^T dy_i."""
