@@ -8,7 +8,9 @@ recompute), the same model under jax.grad (``grad="autodiff"``: autodiff of
 the same forward, a lax.scan for the recurrent cells, plain softmax attention),
 for the transformer also jax.grad of the same model with its attention written
 with ``jax.nn.dot_product_attention`` (the reference a JAX user would write),
-the per-example averaged step and the clipped step. Temp memory comes from
+the per-example averaged step and the clipped step, and (where installed)
+JAX-Privacy's ``clipped_grad`` (a jax.vmap of per-example jax.grad of the same
+forward, clipped and summed) followed by the same Adam update. Temp memory comes from
 XLA's ``memory_analysis()`` of each compiled step; for the transformer, the
 bytes of one attention layer's cache (from ``jax.eval_shape`` of its forward)
 against what caching the (time x time) probabilities would take. Prints a
@@ -19,6 +21,7 @@ autodiff, per-example <= 1.10x, clipped <= 1.5x the manual step).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import statistics
 
@@ -89,6 +92,28 @@ def build(cfg: dict, block=fbp.TransformerBlock):
 
 
 DPA = "autodiff (dot_product_attention)"
+JAX_PRIVACY = "JAX-Privacy clipped_grad"
+
+
+def jax_privacy_variant(model, loss, params, x, y) -> Variant:
+    """JAX-Privacy 2.0's clipped gradient of the same model (jax.vmap of per-example jax.grad), then Adam."""
+    import jax_privacy
+
+    clipped = jax_privacy.clipped_grad(lambda p, x, y: loss(model.apply(p, x), y), l2_clip_norm=1.0,
+                                       batch_argnums=(1, 2), normalize_by=float(x.shape[0]))
+    optimizer = optax.adam(1e-3)
+
+    @jax.jit
+    def step(params, opt_state):
+        updates, opt_state = optimizer.update(clipped(params, x, y), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    holder = [(jax.tree_util.tree_map(jnp.array, params), optimizer.init(params))]
+
+    def call():
+        holder[0] = step(*holder[0])
+
+    return Variant(JAX_PRIVACY, call, lambda: jax.block_until_ready(holder[0]), lambda: step.lower(*holder[0]))
 
 
 def variants(cfg: dict) -> list[Variant]:
@@ -109,6 +134,8 @@ def variants(cfg: dict) -> list[Variant]:
 
         out.append(Variant(name, call, lambda holder=holder: jax.block_until_ready(holder[0]),
                            lambda step=step, holder=holder: step.lower(holder[0], x, y)))
+    if importlib.util.find_spec("jax_privacy") is not None:
+        out.append(jax_privacy_variant(model, loss, params, x, y))
     return out
 
 
@@ -133,6 +160,8 @@ def table(name: str, results: dict, cfg: dict | None = None) -> str:
     lines += ["", (f"targets: manual / {reference} = {base / median[reference]:.2f} (<= 1.05); "
               f"per_example / manual = {median['per_example'] / base:.2f} (<= 1.10); "
               f"clip / manual = {median['per_example + clip'] / base:.2f} (<= 1.5)"), ""]
+    if JAX_PRIVACY in median:
+        lines += [f"JAX-Privacy clipped_grad / fbp clipped = {median[JAX_PRIVACY] / median['per_example + clip']:.2f}", ""]
     if DPA in median:
         temps = {v: results[v]["temp_bytes"] for v in ("manual", DPA)}
         if None not in temps.values():

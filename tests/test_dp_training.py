@@ -131,13 +131,28 @@ def test_bad_mask_and_normalize_by():
         clipped_value_and_grad(model, loss, 0.5, normalize_by=0)
 
 
+# sequence models for the JAX-Privacy comparison: (model, x shape, y shape without the batch)
+SEQUENCE_MODELS = {
+    "gru": (fbp.Sequential([fbp.GRU(4, return_sequences=False), fbp.Dense(3)]), (5, 3), ()),
+    "attention": (fbp.Sequential([fbp.MultiHeadAttention(2, causal=True), fbp.Dense(3)]), (6, 8), (6,)),
+}
+
+
+def _sequence_data(name, dtype):
+    model, x_shape, y_shape = SEQUENCE_MODELS[name]
+    kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, (BATCH, *x_shape), dtype)
+    return model, model.init(kp, x), x, jax.random.randint(ky, (BATCH, *y_shape), 0, 3)
+
+
 @pytest.mark.filterwarnings("ignore:optax.global_norm is deprecated:DeprecationWarning")  # inside JAX-Privacy
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [*MODELS, *SEQUENCE_MODELS])
 def test_jax_privacy_clipped_grad_equals_fbp(name, x64):
     """JAX-Privacy's ``clipped_grad`` (vmap of per-example jax.grad, then clip and sum) on the same model and
     batch gives fbp's clipped gradient (ghost clipping through the hand-written backward) and norms."""
     jax_privacy = pytest.importorskip("jax_privacy", reason="JAX-Privacy is not installed (pip install jax-privacy)")
-    model, params, x, y = _data(name, dtype=jnp.float64)
+    data = _data if name in MODELS else _sequence_data
+    model, params, x, y = data(name, dtype=jnp.float64)
     loss = fbp.SoftmaxCrossEntropy()
     theirs = jax_privacy.clipped_grad(
         lambda params, x, y: loss(model.apply(params, x), y),
