@@ -1,4 +1,4 @@
-"""Shared test set-up: loud broadcasting, and float32 / float64 without enabling x64 globally."""
+"""Shared test set-up: loud broadcasting, float32 / float64 without enabling x64 globally, fast compiles."""
 
 import jax
 import jax.numpy as jnp
@@ -24,14 +24,17 @@ def x64():
         yield
 
 
-@pytest.fixture
-def fast_compile():
-    """XLA without its backend optimisation passes, for the test's duration.
+@pytest.fixture(autouse=True)
+def fast_compile(request):
+    """XLA without its backend optimisation passes, for every test unless marked ``optimized``.
 
     Those passes are most of the compile time of the tiny programs the tests build
-    (each layer x dtype x shape compiles anew) and buy nothing at these sizes.
+    (each layer x dtype x shape compiles anew) and buy nothing at these sizes; the
+    suite is compile-bound. A test about what the optimised program does (speed,
+    or bits that XLA's fusions decide) takes ``@pytest.mark.optimized``.
+    Subprocesses (the console script as a user types it) compile as users do.
     """
     before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
+    jax.config.update("jax_disable_most_optimizations", request.node.get_closest_marker("optimized") is None)
     yield
     jax.config.update("jax_disable_most_optimizations", before)

@@ -25,8 +25,6 @@ from fbp.layers.attention import MultiHeadAttention
 from fbp.layers.base import call_per_example_backward
 from fbp.layers.transformer import PositionalEmbedding, RMSNorm, TransformerBlock
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 # jax.nn.dot_product_attention casts the scores to float32 for the softmax even for float64 inputs
 # (jax/_src/nn/functions.py, _dot_product_attention_core), so against it float64 agrees only to
 # float32 rounding: eps32 = 1.2e-7 times O(10) terms, with a 10x margin

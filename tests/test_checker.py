@@ -33,8 +33,6 @@ from fbp.check import GradientCheckError, check_layer, check_loss, finite_diff
 from fbp.check.hooks import FALLBACK
 from fbp.layers.base import call_per_example_backward
 
-pytestmark = pytest.mark.usefixtures("fast_compile")  # XLA's optimisations: compile time, no other effect here
-
 
 def _cnn_residual():
     return fbp.Sequential(

@@ -7,8 +7,6 @@ from registry import WrongTanh
 from fbp import MSE, Dense, Sequential, zoo
 from fbp.cli import main
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 SMALL = "mlp-tanh/mse"
 
 

@@ -10,7 +10,7 @@ from registry import ScaledBackward, array
 import fbp
 from fbp.zoo import ZOO
 
-pytestmark = pytest.mark.usefixtures("fast_compile", "x64")
+pytestmark = pytest.mark.usefixtures("x64")
 
 # one model of each kind: dense + dropout + log-softmax, conv + pools, embedding (residual and
 # LayerNorm: test_layers.py and the CLI zoo check)

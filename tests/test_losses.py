@@ -13,8 +13,6 @@ from registry import ALL_LOSS_CASES, LEADS, LOSS_CASES, NUM_CLASSES, array, floa
 
 import fbp
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 GRID = [
     pytest.param(dtype, lead, jax.jit, id=f"{dtype}-{name}-jit")
     for dtype in ("float32", "float64")

@@ -18,7 +18,6 @@ from mutants import ISSUE_3, everything, problems
 
 import fbp
 
-pytestmark = pytest.mark.usefixtures("fast_compile")  # XLA's optimisations: compile time, no other effect here
 MUTANTS = everything()
 HERE = [m for m in MUTANTS if m.name not in ISSUE_3.values()]
 HIDDEN = [m for m in MUTANTS if m.hidden]

@@ -19,8 +19,6 @@ from registry import ALL_CASES, ALL_LOSS_CASES, array, float_dtype_tolerance, ma
 import fbp
 from fbp.zoo import ZOO
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 AUTODIFF = ("grad", "vjp", "jvp", "linearize", "jacrev", "jacfwd", "value_and_grad", "hessian", "custom_vjp",
             "custom_jvp")
 LEAD = (2, 3)  # the shape test_layers.py runs eagerly, so eager kernels are already compiled

@@ -31,14 +31,13 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fbp
 from fbp.check import find_first_bad_layer
 
-EXAMPLES = int(os.environ.get("FBP_PROPERTY_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("FBP_PROPERTY_EXAMPLES", "10"))
 DTYPES = ("float64", "float32", "bfloat16")
 ACTIVATIONS = {
     "relu": fbp.ReLU,
@@ -292,7 +291,6 @@ def _leaves_with_inputs(layer, params, x):
         yield from _leaves_with_inputs(child.layer, child.params, child.x)
 
 
-@pytest.mark.usefixtures("fast_compile")  # XLA's optimisations: compile time only (long runs: docs/checker.md)
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=specs())
 def test_a_correct_model_always_passes(spec):
@@ -307,7 +305,6 @@ def _check_passes(spec: Spec) -> None:
     assert report.ok, f"{spec}\n{report}"
 
 
-@pytest.mark.usefixtures("fast_compile")
 @settings(max_examples=max(EXAMPLES // 5, 4), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=specs())
 def test_no_layer_or_loss_of_a_correct_model_is_blamed(spec):
@@ -328,14 +325,12 @@ def _check_none_blamed(spec: Spec) -> None:
 SEQUENCE_EXAMPLES = max(EXAMPLES // 5, 3)
 
 
-@pytest.mark.usefixtures("fast_compile")
 @settings(max_examples=SEQUENCE_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=specs(families=SEQUENCE_FAMILIES))
 def test_a_correct_sequence_model_always_passes(spec):
     _check_passes(spec)
 
 
-@pytest.mark.usefixtures("fast_compile")
 @settings(max_examples=max(SEQUENCE_EXAMPLES // 3, 2), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=specs(families=SEQUENCE_FAMILIES))
 def test_no_layer_or_loss_of_a_correct_sequence_model_is_blamed(spec):

@@ -23,8 +23,6 @@ from fbp.layers.base import call_per_example_backward
 from fbp.layers.conv import Conv1D, Conv2D
 from fbp.layers.recurrent import GRU, LSTM, SimpleRNN
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 LEADS = {"single": (), "lead2x3": (2, 3)}
 CASE_IDS = [case.name for case in ALL_CASES]
 

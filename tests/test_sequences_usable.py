@@ -114,7 +114,7 @@ def tiny_sets():
 
 
 @pytest.mark.parametrize("spec", SPECS)
-def test_sequence_specs_build_and_run(spec, tiny_sets, fast_compile):
+def test_sequence_specs_build_and_run(spec, tiny_sets):
     for name, ds in tiny_sets.items():
         model = models.build_for(spec, ds)
         x = jnp.asarray(ds.x_train[:3])
@@ -125,7 +125,7 @@ def test_sequence_specs_build_and_run(spec, tiny_sets, fast_compile):
 
 
 @pytest.mark.parametrize("spec", SPECS)
-def test_per_step_models_never_see_a_later_step(spec, tiny_sets, fast_compile):
+def test_per_step_models_never_see_a_later_step(spec, tiny_sets):
     ds = tiny_sets["text"]
     model = models.build_for(spec, ds)
     x = jnp.asarray(ds.x_train[:2])
@@ -157,7 +157,7 @@ def test_spec_syntax_and_errors():
         models.build("mlp", (5,), 3, per_step=True)
 
 
-def test_sample_is_keyed_and_greedy_at_temperature_zero(tiny_sets, fast_compile):
+def test_sample_is_keyed_and_greedy_at_temperature_zero(tiny_sets):
     ds = tiny_sets["text"]
     model = models.build_for("gru:4", ds)
     params = model.init(jax.random.PRNGKey(0), jnp.asarray(ds.x_train[:1]))
