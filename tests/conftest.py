@@ -24,17 +24,20 @@ def x64():
         yield
 
 
-@pytest.fixture(autouse=True)
-def fast_compile(request):
-    """XLA without its backend optimisation passes, for every test unless marked ``optimized``.
+# XLA without its backend optimisation passes, for the whole session: those passes are most of
+# the compile time of the tiny programs the tests build (each layer x dtype x shape compiles
+# anew) and buy nothing at these sizes; the suite is compile-bound. Set once for the session, so
+# that module-scoped fixtures and the tests using them compile alike (a run and its resume must
+# agree bit for bit). A test about what the optimised program does takes @pytest.mark.optimized.
+# Subprocesses (the console script as a user types it) compile as users do.
+jax.config.update("jax_disable_most_optimizations", True)
 
-    Those passes are most of the compile time of the tiny programs the tests build
-    (each layer x dtype x shape compiles anew) and buy nothing at these sizes; the
-    suite is compile-bound. A test about what the optimised program does (speed,
-    or bits that XLA's fusions decide) takes ``@pytest.mark.optimized``.
-    Subprocesses (the console script as a user types it) compile as users do.
-    """
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", request.node.get_closest_marker("optimized") is None)
+
+@pytest.fixture(autouse=True)
+def _optimized_when_marked(request):
+    if request.node.get_closest_marker("optimized") is None:
+        yield
+        return
+    jax.config.update("jax_disable_most_optimizations", False)
     yield
-    jax.config.update("jax_disable_most_optimizations", before)
+    jax.config.update("jax_disable_most_optimizations", True)

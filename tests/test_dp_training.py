@@ -208,6 +208,7 @@ def test_train_step_noise_is_scaled_by_normalize_by(x64):
     np.testing.assert_allclose(noise.std(), 3.0 * 2.0 / 5.0, rtol=0.05)  # 20,000 draws: about 0.5% error
 
 
+@pytest.mark.optimized  # bit for bit in the program users run
 @pytest.mark.parametrize("strategy", ["scan", "loop"])
 def test_train_epoch_with_masks_equals_steps(strategy):
     """train_epoch over masked batches is the step called on each batch in turn, bit for bit."""
