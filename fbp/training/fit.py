@@ -26,6 +26,9 @@ raising NonFiniteError that names the step and the first bad leaf; nothing
 more is saved, so the last checkpoint is the last good state) or skips that
 update and counts it (``"skip"``). A retrace of the compiled step after the
 first epoch (a new input shape or dtype) warns with RetraceWarning.
+
+(About 430 lines: ``TrainConfig``'s checks and the loop that relies on them read together;
+the DP plan, the faults, the log and the checkpoints have their own files.)
 """
 
 from __future__ import annotations
