@@ -27,6 +27,7 @@ from fbp.grads.validate import (
     check_is_layer,
     check_is_loss,
     check_mask,
+    check_normalize_by,
     check_params,
 )
 from fbp.grads.value import per_example_grads, per_example_value_and_grad, value_and_grad
@@ -40,6 +41,7 @@ __all__ = [
     "check_is_layer",
     "check_is_loss",
     "check_mask",
+    "check_normalize_by",
     "check_params",
     "clip_and_average",
     "clip_factors",

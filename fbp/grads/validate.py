@@ -7,6 +7,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fbp.layers.base import REQUIRED_METHODS, describe, missing_methods
 
@@ -183,7 +184,7 @@ def check_mask(model, x, mask) -> None:
 def check_normalize_by(normalize_by, where: str) -> None:
     if normalize_by is None:
         return
-    if isinstance(normalize_by, bool) or not isinstance(normalize_by, (int, float)) or not normalize_by > 0:
+    if isinstance(normalize_by, bool) or not isinstance(normalize_by, (int, float, np.number)) or not normalize_by > 0:
         raise ValueError(
             f"{where}: normalize_by must be a positive number (DP-SGD with Poisson sampling: the expected batch "
             f"size q N) or None (the number of examples), got {normalize_by!r}"

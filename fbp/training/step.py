@@ -24,11 +24,12 @@ from jax.sharding import Mesh
 
 from fbp import parallel
 from fbp.grads import (
-    MODES,
     check_batch,
+    check_grad_mode,
     check_is_layer,
     check_is_loss,
     check_mask,
+    check_normalize_by,
     clipped_value_and_grad,
 )
 from fbp.grads import clip_and_average as clip_and_average  # noqa: PLC0414 - explicit re-export: it lived here before
@@ -287,8 +288,7 @@ def make_train_step(
     check_is_layer(model, "make_train_step")
     check_is_loss(loss, "make_train_step")
     _check_optimizer(optimizer, "make_train_step")
-    if grad not in MODES:
-        raise ValueError(f"make_train_step: grad must be one of {MODES}, got {grad!r}")
+    check_grad_mode(grad, "make_train_step")
     if clip_norm is not None and not per_example:
         raise ValueError("make_train_step: clip_norm clips per-example gradients; pass per_example=True too")
     if clip_norm is not None and not clip_norm > 0:
@@ -300,11 +300,7 @@ def make_train_step(
         raise ValueError(f"make_train_step: noise_multiplier must be a number >= 0, got {noise_multiplier!r}")
     if normalize_by is not None and clip_norm is None:
         raise ValueError("make_train_step: normalize_by divides the clipped sum: it needs clip_norm")
-    is_number = isinstance(normalize_by, (int, float, np.number)) and not isinstance(normalize_by, bool)
-    if normalize_by is not None and not (is_number and normalize_by > 0):
-        raise ValueError(
-            f"make_train_step: normalize_by must be a number > 0 (the expected batch size q N), got {normalize_by!r}"
-        )
+    check_normalize_by(normalize_by, "make_train_step")
     try:
         policy = get_policy(precision)
     except ValueError as error:
