@@ -257,39 +257,34 @@ def per_example_outer_sq_norms(a: jax.Array, b: jax.Array) -> jax.Array:
     Returns:
       ``(batch,)`` squared Frobenius norms, in at least float32.
     """
-    dtype = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
-    a, b = a.astype(dtype), b.astype(dtype)
-    steps, n_in, n_out = a.shape[1], a.shape[2], b.shape[2]
-    if steps == 1:
-        return jnp.sum(a * a, axis=(1, 2)) * jnp.sum(b * b, axis=(1, 2))
-    if steps * (n_in + n_out) < n_in * n_out:
-        gram_a = jnp.einsum("bti,bsi->bts", a, a)
-        gram_b = jnp.einsum("bto,bso->bts", b, b)
-        return jnp.sum(gram_a * gram_b, axis=(1, 2))
-    g = jnp.einsum("bti,bto->bio", a, b)
-    return jnp.sum(g * g, axis=(1, 2))
+    return per_example_outer(a, b)[0]
 
 
 def per_example_outer(a: jax.Array, b: jax.Array) -> tuple[jax.Array, Callable]:
     """``(sq_norms, weighted)`` for per-example gradients ``g_i = sum_t a[i, t]^T b[i, t]``: one clipping walk.
 
-    ``sq_norms: (batch,)`` as ``per_example_outer_sq_norms`` (in at least float32);
-    ``weighted(weights) = sum_i weights[i] g_i``, ``(I, O)`` in b's dtype. Where
-    the norms take the matrix form, the per-example matrices computed for them
-    are kept and ``weighted`` is their weighted sum (book-keeping, Bu et al.
-    2023): the clipped gradient then costs no second x^T dy. In the Gram or
-    one-position form no matrix exists and ``weighted`` is ``(weights a)^T b``
-    over every example and position.
+    ``sq_norms: (batch,)`` as ``per_example_outer_sq_norms`` describes (in at
+    least float32); ``weighted(weights) = sum_i weights[i] g_i``, ``(I, O)`` in
+    b's dtype. Where the norms take the matrix form, the per-example matrices
+    computed for them are kept and ``weighted`` is their weighted sum
+    (book-keeping, Bu et al. 2023): the clipped gradient then costs no second
+    x^T dy. In the Gram or one-position form no matrix exists and ``weighted``
+    is ``(weights a)^T b`` over every example and position.
 
     Args:
       a: ``(batch, T, I)``. b: ``(batch, T, O)``.
     """
+    dtype = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
     steps, n_in, n_out = a.shape[1], a.shape[2], b.shape[2]
     if steps == 1 or steps * (n_in + n_out) < n_in * n_out:
-        return per_example_outer_sq_norms(a, b), lambda weights: (
-            scale_examples(a, weights).reshape(-1, n_in).T @ b.reshape(-1, n_out)
-        )
-    dtype = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
+        a32, b32 = a.astype(dtype), b.astype(dtype)
+        if steps == 1:
+            sq_norms = jnp.sum(a32 * a32, axis=(1, 2)) * jnp.sum(b32 * b32, axis=(1, 2))
+        else:
+            gram_a = jnp.einsum("bti,bsi->bts", a32, a32)
+            gram_b = jnp.einsum("bto,bso->bts", b32, b32)
+            sq_norms = jnp.sum(gram_a * gram_b, axis=(1, 2))
+        return sq_norms, lambda weights: scale_examples(a, weights).reshape(-1, n_in).T @ b.reshape(-1, n_out)
     g = jnp.einsum("bti,bto->bio", a, b, preferred_element_type=dtype)
     return jnp.sum(g * g, axis=(1, 2)), lambda weights: jnp.tensordot(weights.astype(dtype), g, 1).astype(b.dtype)
 

@@ -16,7 +16,6 @@ from fbp.layers.base import (
     per_example_bias_grads,
     per_example_bias_sq_norms,
     per_example_outer,
-    per_example_outer_sq_norms,
     weighted_grads_from_input,
 )
 from fbp.layers.initializers import check_weight_init, init_weight
@@ -86,13 +85,10 @@ class Dense(Layer):
         """``||dW_i||^2 + ||db_i||^2`` for every example i of ``x: (batch, ..., in_features)``.
 
         dW_i = sum_t x_it^T dy_it over the example's positions t, so the norm
-        comes from x and dy alone (a product of norms for one position).
+        comes from x and dy alone (a product of norms for one position); as
+        ``per_example_backward`` computes it.
         """
-        batch = dy.shape[0]
-        x3 = x.reshape(batch, -1, x.shape[-1])
-        dy3 = dy.reshape(batch, -1, dy.shape[-1])
-        sq = per_example_outer_sq_norms(x3, dy3)
-        return sq + per_example_bias_sq_norms(dy) if self.use_bias else sq
+        return self.per_example_backward(params, x, dy)[0]
 
     def per_example_backward(self, params, x, dy):
         """``(sq_norms, dx, weighted_grads)`` from one walk (``call_per_example_backward``).
